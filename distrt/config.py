@@ -1,0 +1,162 @@
+"""Frozen configuration, split by concern, resolved ("auto" -> value) before freezing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str
+    kind: str  # "hf" (checkpoint directory) or "gguf" (single file)
+    architecture: str
+    model_type: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    dtype: str  # compute dtype, resolved
+    eos_token_ids: tuple[int, ...]
+    bos_token_id: int | None
+    hf_config: dict[str, Any] = field(compare=False, repr=False, default_factory=dict)
+
+    @staticmethod
+    def from_hf_dict(cfg: dict[str, Any], *, path: str, kind: str, dtype: str) -> "ModelConfig":
+        archs = cfg.get("architectures") or []
+        if not archs:
+            raise ValueError(f"{path}: config has no 'architectures' entry; cannot pick a model class")
+        num_heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        head_dim = cfg.get("head_dim") or hidden // num_heads
+        eos = cfg.get("eos_token_ids")
+        if eos is None:
+            eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos if isinstance(eos, list) else ([] if eos is None else [eos]))
+        return ModelConfig(
+            path=path,
+            kind=kind,
+            architecture=archs[0],
+            model_type=cfg.get("model_type", ""),
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=num_heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
+            head_dim=int(head_dim),
+            vocab_size=int(cfg["vocab_size"]),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+            rope_scaling=_rope_scaling(cfg),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
+            dtype=dtype,
+            eos_token_ids=tuple(int(e) for e in eos_ids),
+            bos_token_id=cfg.get("bos_token_id"),
+            hf_config=dict(cfg),
+        )
+
+    @property
+    def checkpoint_dtype(self) -> str | None:
+        d = self.hf_config.get("torch_dtype") or self.hf_config.get("dtype")
+        return d if d in _DTYPES else None
+
+
+def _rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    rs = cfg.get("rope_scaling")
+    if rs is None:
+        params = cfg.get("rope_parameters")  # transformers >= 5 spelling
+        if params and params.get("rope_type", "default") != "default":
+            rs = params
+    if not rs:
+        return None
+    rs = dict(rs)
+    rs.setdefault("rope_type", rs.get("type", "default"))
+    return None if rs["rope_type"] == "default" else rs
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    # <= 1.0: fraction of the device memory left after weights and a profiling forward;
+    # > 1: bytes. On CPU the fraction applies to a fixed budget (cpu_kv_budget_bytes).
+    kv_cache_memory: float = 0.9
+    num_kv_blocks: int | None = None  # explicit override (tests force preemption with it)
+    cpu_kv_budget_bytes: int = 2 << 30
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
+        if not self.kv_cache_memory > 0:
+            raise ValueError(f"kv_cache_memory must be a fraction in (0, 1] or a byte count, got {self.kv_cache_memory}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    expert_parallel_size: int = 1
+    executor: str = "local"
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_model_len: int
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"without chunked prefill max_num_batched_tokens ({self.max_num_batched_tokens}) "
+                f"must be >= max_model_len ({self.max_model_len})"
+            )
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    device: str  # "cpu" or "cuda[:i]", resolved
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig
+    parallel: ParallelConfig
+    scheduler: SchedulerConfig
+    device: DeviceConfig
+    seed: int = 0
+    enforce_eager: bool = False

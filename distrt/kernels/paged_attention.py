@@ -1,0 +1,392 @@
+"""Paged attention over a ragged batch (mixed prefill chunks and decodes), causal, with GQA.
+
+Batch layout::
+
+    q:               [T, num_heads, head_dim]  tokens of all sequences back to back
+    query_start_loc: [B+1] int32               sequence b owns q[qsl[b]:qsl[b+1]]
+    seq_lens:        [B] int32                 context length of b INCLUDING this step's tokens
+    block_tables:    [B, max_blocks] int32     logical block j of b -> physical block id
+    k_cache/v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+
+    sequence b, q_len = qsl[b+1] - qsl[b]:
+    cache positions  0 ............................ seq_len-q_len ...... seq_len-1
+                     |<-- cached prefix (earlier steps) -->|<-- this step -->|
+    query i sits at position seq_len - q_len + i and sees cache positions 0..that position.
+    Query head h reads kv head h // (num_heads // num_kv_heads).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the package must import without triton (CPU path)
+    triton = None
+    tl = None
+
+
+def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
+           block_tables: torch.Tensor) -> None:
+    assert q.dim() == 3, q.shape
+    assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, (k_cache.shape, v_cache.shape)
+    assert q.shape[2] == k_cache.shape[3], (q.shape, k_cache.shape)
+    assert q.shape[1] % k_cache.shape[2] == 0, (q.shape, k_cache.shape)
+    assert q.dtype == k_cache.dtype == v_cache.dtype, (q.dtype, k_cache.dtype, v_cache.dtype)
+    assert seq_lens.dim() == 1 and seq_lens.dtype == torch.int32, (seq_lens.shape, seq_lens.dtype)
+    assert block_tables.dim() == 2 and block_tables.shape[0] == seq_lens.shape[0], block_tables.shape
+    assert block_tables.dtype == torch.int32, block_tables.dtype
+    assert q.device == k_cache.device == seq_lens.device == block_tables.device
+
+
+def _check_ragged(q: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor) -> None:
+    assert query_start_loc.dim() == 1 and query_start_loc.shape[0] == seq_lens.shape[0] + 1
+    assert query_start_loc.dtype == torch.int32, query_start_loc.dtype
+    assert query_start_loc.device == q.device
+
+
+def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+                        scale: float) -> torch.Tensor:
+    """Vectorised reference (and CPU path): pad queries to max q_len, keys to max seq_len, one masked softmax."""
+    _check(q, k_cache, v_cache, seq_lens, block_tables)
+    _check_ragged(q, query_start_loc, seq_lens)
+    num_tokens, num_heads, head_dim = q.shape
+    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    batch = seq_lens.shape[0]
+    device = q.device
+    if num_tokens == 0 or batch == 0:
+        return q.new_empty(q.shape)
+    qsl = query_start_loc.long()
+    q_lens = qsl[1:] - qsl[:-1]  # [B]
+    s_lens = seq_lens.long()
+    max_q = int(q_lens.max())
+    max_s = int(s_lens.max())
+    n_blk = (max_s + block_size - 1) // block_size
+
+    # token t -> (sequence b, row i); padded query rows are never read back.
+    tok = torch.arange(num_tokens, device=device)
+    tok_seq = torch.searchsorted(qsl[1:], tok, right=True)  # [T]
+    tok_row = tok - qsl[tok_seq]  # [T]
+    q_pad = q.new_zeros(batch, max_q, num_heads, head_dim)
+    q_pad[tok_seq, tok_row] = q
+    q_pad = q_pad.float().view(batch, max_q, num_kv_heads, group, head_dim)  # [B, Q, Hkv, G, D]
+
+    # Table entries past a sequence's blocks are arbitrary: clamp so the gather is in range, mask later.
+    blocks = block_tables[:, :n_blk].long().clamp(0, num_blocks - 1)  # [B, n_blk]
+    keys = k_cache[blocks].view(batch, n_blk * block_size, num_kv_heads, head_dim)[:, :max_s]  # [B, S, Hkv, D]
+    vals = v_cache[blocks].view(batch, n_blk * block_size, num_kv_heads, head_dim)[:, :max_s]  # [B, S, Hkv, D]
+    key_pos = torch.arange(max_s, device=device)
+    key_valid = key_pos[None, :] < s_lens[:, None]  # [B, S]
+    # Zero unused slots: garbage (even NaN) there must not leak through 0 * NaN.
+    keys = torch.where(key_valid[:, :, None, None], keys.float(), 0.0)
+    vals = torch.where(key_valid[:, :, None, None], vals.float(), 0.0)
+
+    q_pos = (s_lens - q_lens)[:, None] + torch.arange(max_q, device=device)[None, :]  # [B, Q]
+    allowed = (key_pos[None, None, :] <= q_pos[:, :, None]) & key_valid[:, None, :]  # [B, Q, S]
+
+    scores = torch.einsum("bqhgd,bshd->bhgqs", q_pad, keys) * scale  # [B, Hkv, G, Q, S]
+    scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    probs = torch.nan_to_num(probs, nan=0.0)  # rows with no allowed key (padding rows only)
+    out = torch.einsum("bhgqs,bshd->bqhgd", probs, vals)  # [B, Q, Hkv, G, D]
+    out = out.reshape(batch, max_q, num_heads, head_dim)  # [B, Q, H, D]
+    return out[tok_seq, tok_row].to(q.dtype)
+
+
+_LOG2E = 1.4426950408889634
+
+
+if triton is not None:
+
+    @triton.jit
+    def _load_kv_tile(cache_ptr, bt_row_ptr, pos, mask, kv_head, d, d_mask,
+                      stride_cb, stride_co, stride_ch, BLOCK_SIZE: tl.constexpr):
+        """Gather [BLOCK_N, BLOCK_D] rows of one kv head at logical positions `pos` via the block table."""
+        blk = tl.load(bt_row_ptr + pos // BLOCK_SIZE, mask=mask, other=0).to(tl.int64)
+        offs = blk[:, None] * stride_cb + (pos % BLOCK_SIZE)[:, None] * stride_co + kv_head * stride_ch + d[None, :]
+        return tl.load(cache_ptr + offs, mask=mask[:, None] & d_mask[None, :], other=0.0)
+
+    @triton.jit
+    def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, scale_log2e,
+                        stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_co, stride_ch, stride_bt,
+                        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
+                        BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        # One program: BLOCK_Q queries of one sequence x the GROUP query heads of one kv head, packed
+        # as BLOCK_M rows (row r = query r // GROUP, head r % GROUP), so K/V tiles are loaded once per group.
+        b = tl.program_id(0)
+        q_start = tl.program_id(1) * BLOCK_Q
+        kv_head = tl.program_id(2)
+        q_begin = tl.load(qsl_ptr + b)
+        q_len = tl.load(qsl_ptr + b + 1) - q_begin
+        if q_start >= q_len:
+            return
+        ctx_len = tl.load(seq_lens_ptr + b) - q_len  # cached prefix before this chunk
+
+        r = tl.arange(0, BLOCK_M)
+        qi = q_start + r // GROUP
+        head = kv_head * GROUP + r % GROUP
+        row_valid = (r < BLOCK_Q * GROUP) & (qi < q_len)
+        q_pos = ctx_len + qi
+        d = tl.arange(0, BLOCK_D)
+        d_mask = d < HEAD_DIM
+        tok = (q_begin + qi).to(tl.int64)
+        q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                    mask=row_valid[:, None] & d_mask[None, :], other=0.0)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+        n = tl.arange(0, BLOCK_N)
+        # Keys before the tile's first query position are visible to every row: no causal mask there.
+        full_end = (ctx_len + q_start) // BLOCK_N * BLOCK_N
+        last_pos = ctx_len + tl.minimum(q_start + BLOCK_Q, q_len) - 1
+        for start in range(0, full_end, BLOCK_N):
+            pos = start + n
+            all_k = pos >= 0
+            k = _load_kv_tile(k_cache_ptr, bt_row, pos, all_k, kv_head, d, d_mask,
+                              stride_cb, stride_co, stride_ch, BLOCK_SIZE)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = _load_kv_tile(v_cache_ptr, bt_row, pos, all_k, kv_head, d, d_mask,
+                              stride_cb, stride_co, stride_ch, BLOCK_SIZE)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+        for start in range(full_end, last_pos + 1, BLOCK_N):
+            pos = start + n
+            in_ctx = pos <= last_pos
+            k = _load_kv_tile(k_cache_ptr, bt_row, pos, in_ctx, kv_head, d, d_mask,
+                              stride_cb, stride_co, stride_ch, BLOCK_SIZE)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
+            s = tl.where(pos[None, :] <= q_pos[:, None], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = _load_kv_tile(v_cache_ptr, bt_row, pos, in_ctx, kv_head, d, d_mask,
+                              stride_cb, stride_co, stride_ch, BLOCK_SIZE)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_mask[None, :])
+
+    @triton.jit
+    def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_ml_ptr, seq_lens_ptr, bt_ptr,
+                       scale_log2e, stride_qb, stride_qh, stride_ob, stride_oh,
+                       stride_cb, stride_co, stride_ch, stride_bt,
+                       NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
+                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                       BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        # One program: all GROUP query heads of one kv head, one split of one sequence's context.
+        b = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        split = tl.program_id(2)
+        seq_len = tl.load(seq_lens_ptr + b)
+        # each sequence splits its own context evenly, so no host-side max(seq_lens) is needed
+        chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        start = split * chunk
+        end = tl.minimum(start + chunk, seq_len)
+
+        g = tl.arange(0, BLOCK_G)
+        g_mask = g < GROUP
+        head = kv_head * GROUP + g
+        d = tl.arange(0, BLOCK_D)
+        d_mask = d < HEAD_DIM
+        q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + head[:, None] * stride_qh + d[None, :],
+                    mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+
+        m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+        bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+        n = tl.arange(0, BLOCK_N)
+        for tile in range(start, end, BLOCK_N):
+            pos = tile + n
+            valid = pos < end
+            k = _load_kv_tile(k_cache_ptr, bt_row, pos, valid, kv_head, d, d_mask,
+                              stride_cb, stride_co, stride_ch, BLOCK_SIZE)
+            v = _load_kv_tile(v_cache_ptr, bt_row, pos, valid, kv_head, d, d_mask,
+                              stride_cb, stride_co, stride_ch, BLOCK_SIZE)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+        store_mask = g_mask[:, None] & d_mask[None, :]
+        if NUM_SPLITS == 1:
+            tl.store(out_ptr + b.to(tl.int64) * stride_ob + head[:, None] * stride_oh + d[None, :],
+                     (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=store_mask)
+        else:
+            # partials: acc [B, H, S, D] unnormalised, ml [B, H, S, 2] = (running max in log2 units, sum)
+            row = (b.to(tl.int64) * NUM_HEADS + head) * NUM_SPLITS + split  # [BLOCK_G]
+            tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=store_mask)
+            tl.store(part_ml_ptr + row * 2, m_i, mask=g_mask)
+            tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=g_mask)
+
+    @triton.jit
+    def _decode_reduce_kernel(part_acc_ptr, part_ml_ptr, out_ptr, stride_ob, stride_oh,
+                              NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                              NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+        b = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1)
+        s = tl.arange(0, BLOCK_S)
+        s_mask = s < NUM_SPLITS
+        d = tl.arange(0, BLOCK_D)
+        d_mask = d < HEAD_DIM
+        row = (b * NUM_HEADS + h) * NUM_SPLITS + s  # [BLOCK_S]
+        m = tl.load(part_ml_ptr + row * 2, mask=s_mask, other=float("-inf"))
+        l = tl.load(part_ml_ptr + row * 2 + 1, mask=s_mask, other=0.0)
+        # empty splits carry m = -inf, l = 0, acc = 0 and get weight 0
+        w = tl.exp2(m - tl.max(m, 0))
+        acc = tl.load(part_acc_ptr + row[:, None] * HEAD_DIM + d[None, :],
+                      mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+        out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+        tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_kernel_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
+                         block_tables: torch.Tensor) -> None:
+    assert triton is not None, "triton is not installed"
+    assert q.dtype in _SUPPORTED, q.dtype
+    assert q.stride(2) == 1, q.stride()
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert k_cache.shape[1] & (k_cache.shape[1] - 1) == 0, f"block_size {k_cache.shape[1]} must be a power of 2"
+    assert seq_lens.is_contiguous() and block_tables.stride(1) == 1, (seq_lens.stride(), block_tables.stride())
+
+
+def _output(out: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
+    """Preallocated outputs (CUDA graphs, poisoned-output tests) must match q's shape and dtype."""
+    if out is None:
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.device == q.device, (out.shape, out.dtype)
+    assert out.stride(2) == 1, out.stride()
+    return out
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs would silently go through tf32 on Hopper; keep them exact (tests, debugging)
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+                            scale: float, max_query_len: int,
+                            out: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton flash attention over a ragged batch (chunked prefill + decodes), reading K/V through
+    block_tables. Same semantics as paged_attention_ref; max_query_len >= max(q_len) sizes the grid.
+    out: optional preallocated [T, H, D] output."""
+    _check(q, k_cache, v_cache, seq_lens, block_tables)
+    _check_ragged(q, query_start_loc, seq_lens)
+    _check_kernel_inputs(q, k_cache, v_cache, seq_lens, block_tables)
+    assert query_start_loc.is_contiguous()
+    num_tokens, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    batch = seq_lens.shape[0]
+    out = _output(out, q)
+    if num_tokens == 0 or batch == 0 or max_query_len == 0:
+        return out
+    block_d = triton.next_power_of_2(head_dim)
+    if q.is_cuda:
+        block_m, block_n = (128, 64) if q.element_size() == 2 else (64, 32)
+        num_warps, num_stages = (8, 3) if block_d <= 128 else (8, 2)
+    else:  # interpreter: small tiles keep the simulated work low
+        block_m, block_n, num_warps, num_stages = 16, 16, 4, 1
+    block_m = max(block_m, triton.next_power_of_2(group))
+    block_q = block_m // group
+    grid = (batch, triton.cdiv(max_query_len, block_q), num_kv_heads)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, scale * _LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
+        BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device,
+                      block_n: int = 64) -> int:
+    """Split the context so that about 2 waves of programs cover the GPU, but keep >= 4 tiles per split.
+    Depends only on shapes (block-table width, not seq_lens values): stable under CUDA graphs."""
+    programs = batch * num_kv_heads
+    target = 2 * _num_sms(device) * 2
+    splits = triton.cdiv(target, programs)
+    max_useful = max(1, max_context // (4 * block_n))
+    return max(1, min(splits, max_useful, 64))
+
+
+def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
+                           block_tables: torch.Tensor, scale: float, num_splits: int | None = None,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
+    """One query token per sequence: q [B, H, D] -> [B, H, D]. Flash-decoding: the grid is
+    (B, kv_heads, num_splits); each program reads its kv head's K/V once for all GROUP query heads,
+    partial results are merged by a second kernel. num_splits=None picks it from B, kv heads and
+    the block-table width (the context upper bound)."""
+    _check(q, k_cache, v_cache, seq_lens, block_tables)
+    _check_kernel_inputs(q, k_cache, v_cache, seq_lens, block_tables)
+    batch, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    assert seq_lens.shape[0] == batch, (seq_lens.shape, q.shape)
+    group = num_heads // num_kv_heads
+    out = _output(out, q)
+    if batch == 0:
+        return out
+    block_d = triton.next_power_of_2(head_dim)
+    block_g = max(16, triton.next_power_of_2(group))  # tl.dot needs M >= 16
+    if q.is_cuda:
+        block_n, num_warps, num_stages = 64, 4, 3
+    else:
+        block_n, num_warps, num_stages = 16, 4, 1
+    if num_splits is None:
+        num_splits = decode_num_splits(batch, num_kv_heads, block_tables.shape[1] * block_size, q.device, block_n)
+    assert num_splits >= 1, num_splits
+    if num_splits > 1:
+        part_acc = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        part_ml = torch.empty(batch, num_heads, num_splits, 2, dtype=torch.float32, device=q.device)
+    else:
+        part_acc = part_ml = out  # unused
+    _decode_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, out, part_acc, part_ml, seq_lens, block_tables, scale * _LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        NUM_HEADS=num_heads, GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if num_splits > 1:
+        _decode_reduce_kernel[(batch, num_heads)](
+            part_acc, part_ml, out, out.stride(0), out.stride(1),
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits,
+            BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4,
+        )
+    return out

@@ -1,0 +1,42 @@
+"""Paged attention over a ragged batch: writes this step's K/V into the cache, then attends.
+
+Per-layer cache: k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim]; block ids are
+the coordinator's global ids (see engine/kv_allocator.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from distrt.kernels import attention_op, write_kv_cache_op
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # int64 [T]; -1 = padding token, not written
+    query_start_loc: torch.Tensor  # int32 [B+1]
+    seq_lens: torch.Tensor  # int32 [B], context length after this step
+    block_tables: torch.Tensor  # int32 [B, max_blocks]
+    max_query_len: int
+    max_seq_len: int
+    is_decode_only: bool
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        q = q.view(-1, self.num_heads, self.head_dim)  # [T, H, D]
+        k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        k_cache, v_cache = kv_cache
+        write_kv_cache_op(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = attention_op(q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+                           self.scale, meta.max_query_len, meta.is_decode_only)
+        return out.reshape(q.shape[0], self.num_heads * self.head_dim)  # [T, H*D]

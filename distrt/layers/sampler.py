@@ -1,0 +1,143 @@
+"""Turns a batch of logits into tokens: penalties, temperature, top-k/top-p/min-p, greedy or seeded
+sampling, and log-probabilities. Everything runs on the logits' device; the only host sync is
+the caller's read of the sampled ids.
+
+Randomness is stateless: the noise for (seed, output index, token id) is a hash, so a request with a
+given seed draws the same tokens whatever else is in the batch, after a preemption, and on any
+executor. Sampling uses the exponential race: argmax(p / E), E ~ Exp(1), which draws from p.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from distrt.messages import SamplingSpec
+
+_M32 = 0xFFFFFFFF
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    """murmur3's finaliser on int64 tensors holding 32-bit values (products wrap; masked back)."""
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _M32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _M32
+    return h ^ (h >> 16)
+
+
+def hashed_uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[N] seeds, [N] output indices -> [N, vocab] uniforms in (0, 1), a pure function of the inputs."""
+    key = _fmix32(((seeds & _M32) * 0x9E3779B1 + steps) & _M32)  # [N]
+    tok = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
+    h = _fmix32((key[:, None] + tok[None, :] * 0x27D4EB2F) & _M32)  # [N, V]
+    h = _fmix32(h ^ key[:, None])
+    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+@dataclass
+class SamplerRow:
+    spec: SamplingSpec
+    output_index: int  # how many tokens this request generated before this one
+    prompt_ids: list[int]
+    output_ids: list[int]
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    # per row: (sampled token's logprob, top ids, top logprobs) or None
+    logprobs: list[tuple[float, list[int], list[float]] | None]
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, rows: list[SamplerRow]) -> SamplerOutput:
+        assert logits.dim() == 2 and logits.shape[0] == len(rows), (logits.shape, len(rows))
+        logits = logits.float()
+        n, vocab = logits.shape
+        dev = logits.device
+        want_lp = [r.spec.logprobs for r in rows]
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(k is not None for k in want_lp) else None
+
+        logits = self._suppress(logits, rows)
+        logits = self._penalize(logits, rows)
+
+        temps = torch.tensor([r.spec.temperature for r in rows], device=dev, dtype=torch.float32)
+        greedy = temps == 0
+        tokens = logits.argmax(dim=-1)
+        if not bool(greedy.all()):
+            sampled = self._sample(logits, rows, temps)
+            tokens = torch.where(greedy, tokens, sampled)
+
+        token_list = tokens.tolist()
+        out_lp: list[tuple[float, list[int], list[float]] | None] = [None] * n
+        if raw_logprobs is not None:
+            kmax = max(k or 0 for k in want_lp)
+            top_lp, top_ids = raw_logprobs.topk(kmax, dim=-1) if kmax else (None, None)
+            chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
+            top_lp_l = top_lp.tolist() if top_lp is not None else None
+            top_ids_l = top_ids.tolist() if top_ids is not None else None
+            for i, k in enumerate(want_lp):
+                if k is None:
+                    continue
+                ids = top_ids_l[i][:k] if top_ids_l else []
+                lps = top_lp_l[i][:k] if top_lp_l else []
+                out_lp[i] = (chosen[i], ids, lps)
+        return SamplerOutput(token_list, out_lp)
+
+    @staticmethod
+    def _suppress(logits: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
+        for i, r in enumerate(rows):
+            if r.spec.suppress_ids and r.output_index < r.spec.min_tokens:
+                ids = [t for t in r.spec.suppress_ids if t < logits.shape[1]]
+                logits[i, ids] = float("-inf")
+        return logits
+
+    @staticmethod
+    def _penalize(logits: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
+        vocab = logits.shape[1]
+        for i, r in enumerate(rows):
+            s = r.spec
+            if not s.needs_penalties:
+                continue
+            dev = logits.device
+            out_ids = torch.tensor(r.output_ids, dtype=torch.int64, device=dev)
+            counts = torch.zeros(vocab, device=dev, dtype=torch.float32)
+            if len(r.output_ids):
+                counts.scatter_add_(0, out_ids, torch.ones_like(out_ids, dtype=torch.float32))
+            row = logits[i]
+            if s.repetition_penalty != 1.0:
+                seen = counts > 0
+                if r.prompt_ids:
+                    seen[torch.tensor(r.prompt_ids, dtype=torch.int64, device=dev)] = True
+                pen = torch.where(row > 0, row / s.repetition_penalty, row * s.repetition_penalty)
+                row = torch.where(seen, pen, row)
+            row = row - s.frequency_penalty * counts - s.presence_penalty * (counts > 0).float()
+            logits[i] = row
+        return logits
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, rows: list[SamplerRow], temps: torch.Tensor) -> torch.Tensor:
+        n, vocab = logits.shape
+        dev = logits.device
+        scaled = logits / torch.where(temps == 0, torch.ones_like(temps), temps)[:, None]
+        sorted_logits, order = scaled.sort(dim=-1, descending=True)  # [N, V]
+        ranks = torch.arange(vocab, device=dev)[None, :]
+        top_k = torch.tensor([r.spec.top_k if r.spec.top_k > 0 else vocab for r in rows], device=dev)
+        mask = ranks >= top_k[:, None]
+        sorted_logits = sorted_logits.masked_fill(mask, float("-inf"))
+        probs = torch.softmax(sorted_logits, dim=-1)
+        top_p = torch.tensor([r.spec.top_p for r in rows], device=dev, dtype=torch.float32)
+        min_p = torch.tensor([r.spec.min_p for r in rows], device=dev, dtype=torch.float32)
+        # keep the smallest prefix whose mass reaches top_p (the first token always survives)
+        mask = (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
+        mask |= probs < (min_p[:, None] * probs[:, :1])
+        mask[:, 0] = False
+        probs = torch.softmax(sorted_logits.masked_fill(mask, float("-inf")), dim=-1)
+        seeds = torch.tensor([r.spec.seed for r in rows], device=dev, dtype=torch.int64)
+        steps = torch.tensor([r.output_index for r in rows], device=dev, dtype=torch.int64)
+        noise = hashed_uniform(seeds, steps, vocab).gather(1, order)  # noise keyed by token id
+        race = probs / (-torch.log(noise))
+        choice = race.argmax(dim=-1, keepdim=True)
+        return order.gather(1, choice).squeeze(1)

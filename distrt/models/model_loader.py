@@ -1,0 +1,29 @@
+"""Builds this rank's model shard on its device and fills it from the checkpoint."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from distrt.config import ModelConfig
+from distrt.models.registry import model_class
+from distrt.models.shard import ShardContext
+
+
+def build_model(cfg: ModelConfig, ctx: ShardContext) -> nn.Module:
+    cls = model_class(cfg.architecture)
+    with torch.device(ctx.device):
+        model = cls(cfg, ctx)
+    model.load_weights(_weights(cfg, model))
+    return model.eval()
+
+
+def _weights(cfg: ModelConfig, model: nn.Module):  # type: ignore[no-untyped-def]
+    wanted = getattr(model, "checkpoint_names_wanted", None)
+    if cfg.kind == "gguf":
+        from distrt.models.gguf_loader import iter_gguf_weights
+
+        return ((n, t) for n, t in iter_gguf_weights(cfg.path) if wanted is None or wanted(n))
+    from distrt.models.loader import iter_safetensors_lazy
+
+    return ((n, t) for n, t in iter_safetensors_lazy(cfg.path) if wanted is None or wanted(n))

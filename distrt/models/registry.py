@@ -1,0 +1,25 @@
+"""Maps a checkpoint's `architectures` entry to the class that implements it."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from distrt.models.llama import LlamaForCausalLM
+
+_REGISTRY: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def model_class(architecture: str) -> type[nn.Module]:
+    cls = _REGISTRY.get(architecture)
+    if cls is None:
+        raise ValueError(f"unsupported model architecture {architecture!r}; distrt supports: "
+                         + ", ".join(supported_architectures()))
+    return cls

@@ -1,0 +1,163 @@
+"""Runs one forward over a ragged batch (prefill chunks and decodes together) on one device,
+reading and writing the paged KV cache, and samples the requests whose sequence it completed."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from distrt.config import EngineConfig
+from distrt.layers.attention import AttentionMetadata
+from distrt.layers.sampler import Sampler, SamplerOutput, SamplerRow
+from distrt.models.model_loader import build_model
+from distrt.models.shard import ShardContext
+from distrt.worker.request_state import RequestState
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class BatchInputs:
+    input_ids: torch.Tensor  # int64 [T]
+    positions: torch.Tensor  # int64 [T]
+    meta: AttentionMetadata
+    sample_rows: list[int]  # index into the batch of requests that get a token
+    sample_token_idx: torch.Tensor  # int64 [S], row in [T] whose logits to sample
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, ctx: ShardContext) -> None:
+        self.config = config
+        self.ctx = ctx
+        self.device = ctx.device
+        self.model = build_model(config.model, ctx)
+        self.sampler = Sampler()
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.num_blocks = 0
+
+    # -- KV cache ---------------------------------------------------------------------------
+    @property
+    def num_local_layers(self) -> int:
+        return len(self.model.layers)
+
+    def kv_block_bytes(self) -> int:
+        m = self.config.model
+        elem = torch.empty((), dtype=self.ctx.dtype).element_size()
+        heads = self.model.kv_heads_per_rank
+        return self.num_local_layers * 2 * self.config.cache.block_size * heads * m.head_dim * elem
+
+    def determine_num_blocks(self) -> int:
+        cache = self.config.cache
+        if cache.num_kv_blocks is not None:
+            return cache.num_kv_blocks
+        if cache.kv_cache_memory > 1:
+            budget = int(cache.kv_cache_memory)
+        elif self.device.type == "cuda":
+            budget = int(self._profile_free_cuda_bytes() * cache.kv_cache_memory)
+        else:
+            budget = int(cache.cpu_kv_budget_bytes * cache.kv_cache_memory)
+        return max(1, budget // self.kv_block_bytes())
+
+    def _profile_free_cuda_bytes(self) -> int:
+        """Free memory after weights and a forward over a full token budget (its activation peak)."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        n = min(self.config.scheduler.max_num_batched_tokens, self.config.scheduler.max_model_len)
+        bs = self.config.cache.block_size
+        self.init_kv_cache(-(-n // bs))
+        state = RequestState("profile", [0] * n, n, list(range(-(-n // bs))), 0, _profile_spec())  # type: ignore[arg-type]
+        self.execute([state], [n])
+        torch.cuda.synchronize(self.device)
+        self.kv_caches = []
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        torch.cuda.empty_cache()
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return max(0, free - peak)
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        m = self.config.model
+        shape = (num_blocks, self.config.cache.block_size, self.model.kv_heads_per_rank, m.head_dim)
+        self.kv_caches = [(torch.zeros(shape, dtype=self.ctx.dtype, device=self.device),
+                           torch.zeros(shape, dtype=self.ctx.dtype, device=self.device))
+                          for _ in range(self.num_local_layers)]
+        self.num_blocks = num_blocks
+
+    # -- one step -----------------------------------------------------------------------------
+    def prepare(self, states: list[RequestState], num_tokens: list[int]) -> BatchInputs:
+        bs = self.config.cache.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        qsl = [0]
+        seq_lens: list[int] = []
+        sample_rows: list[int] = []
+        sample_idx: list[int] = []
+        max_blocks = 1
+        for i, (st, n) in enumerate(zip(states, num_tokens)):
+            start = st.num_computed_tokens
+            end = start + n
+            ids.extend(st.token_ids[start:end])
+            pos.extend(range(start, end))
+            table = st.block_ids
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            qsl.append(qsl[-1] + n)
+            seq_lens.append(end)
+            max_blocks = max(max_blocks, len(table))
+            if end == len(st.token_ids):
+                sample_rows.append(i)
+                sample_idx.append(qsl[-1] - 1)
+        tables = torch.zeros((len(states), max_blocks), dtype=torch.int32)
+        for i, st in enumerate(states):
+            tables[i, : len(st.block_ids)] = torch.tensor(st.block_ids, dtype=torch.int32)
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32).to(dev, non_blocking=True),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            block_tables=tables.to(dev, non_blocking=True),
+            max_query_len=max(num_tokens),
+            max_seq_len=max(seq_lens),
+            is_decode_only=max(num_tokens) == 1,
+        )
+        return BatchInputs(
+            input_ids=torch.tensor(ids, dtype=torch.int64).to(dev, non_blocking=True),
+            positions=torch.tensor(pos, dtype=torch.int64).to(dev, non_blocking=True),
+            meta=meta,
+            sample_rows=sample_rows,
+            sample_token_idx=torch.tensor(sample_idx, dtype=torch.int64).to(dev, non_blocking=True),
+        )
+
+    @torch.inference_mode()
+    def forward_logits(self, inputs: BatchInputs) -> torch.Tensor:
+        hidden, _ = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+        return self.model.compute_logits(hidden[inputs.sample_token_idx])
+
+    @torch.inference_mode()
+    def execute(self, states: list[RequestState], num_tokens: list[int]) -> tuple[list[int], SamplerOutput]:
+        """Forward the batch; returns (indices of states that got a token, sampler output)."""
+        inputs = self.prepare(states, num_tokens)
+        logits = self.forward_logits(inputs)
+        if not inputs.sample_rows:
+            return [], SamplerOutput([], [])
+        rows = []
+        for i in inputs.sample_rows:
+            st = states[i]
+            rows.append(SamplerRow(st.sampling, st.num_output_tokens, st.token_ids[: st.num_prompt_tokens] if st.sampling.needs_penalties else [],
+                                   st.token_ids[st.num_prompt_tokens:] if st.sampling.needs_penalties else []))
+        return inputs.sample_rows, self.sampler(logits, rows)
+
+
+def _profile_spec():  # type: ignore[no-untyped-def]
+    from distrt.messages import SamplingSpec
+
+    return SamplingSpec(seed=0)
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    return _DTYPES[name]

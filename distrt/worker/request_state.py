@@ -1,0 +1,26 @@
+"""What a worker keeps per request between steps (it appends the tokens it samples itself)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from distrt.messages import NewRequest, RequestId, SamplingSpec
+
+
+@dataclass(slots=True)
+class RequestState:
+    req_id: RequestId
+    token_ids: list[int]
+    num_prompt_tokens: int
+    block_ids: list[int]
+    num_computed_tokens: int
+    sampling: SamplingSpec
+
+    @staticmethod
+    def from_new(r: NewRequest) -> "RequestState":
+        return RequestState(r.req_id, list(r.token_ids), r.num_prompt_tokens, list(r.block_ids),
+                            r.num_computed_tokens, r.sampling)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens

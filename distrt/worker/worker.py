@@ -1,0 +1,68 @@
+"""A worker: one model shard, its slice of the KV pool, and the per-request state it needs to
+execute StepPlans. One per GPU (or per CPU rank in tests)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from distrt.config import EngineConfig
+from distrt.messages import RequestId, StepPlan, StepResult, TokenLogprobs
+from distrt.models.shard import ShardContext
+from distrt.worker.model_runner import ModelRunner, resolve_dtype
+from distrt.worker.request_state import RequestState
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, *, tp_rank: int = 0, tp_size: int = 1, pp_rank: int = 0,
+                 pp_size: int = 1, tp_comm: Any = None, device: str | None = None) -> None:
+        self.config = config
+        dev = torch.device(device or config.device.device)
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        torch.manual_seed(config.seed)
+        self.ctx = ShardContext(dtype=resolve_dtype(config.model.dtype), device=dev, tp_rank=tp_rank, tp_size=tp_size,
+                                pp_rank=pp_rank, pp_size=pp_size, tp_comm=tp_comm)
+        self.runner = ModelRunner(config, self.ctx)
+        self.states: dict[RequestId, RequestState] = {}
+
+    def determine_num_blocks(self) -> int:
+        return self.runner.determine_num_blocks()
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        self.runner.init_kv_cache(num_blocks)
+
+    def apply_plan(self, plan: StepPlan) -> tuple[list[RequestState], list[int]]:
+        for rid in plan.finished_ids:
+            self.states.pop(rid, None)
+        for new in plan.new_requests:
+            self.states[new.req_id] = RequestState.from_new(new)
+        for c in plan.cached_requests:
+            st = self.states[c.req_id]
+            st.block_ids.extend(c.new_block_ids)
+            if st.num_computed_tokens != c.num_computed_tokens:
+                raise RuntimeError(f"worker out of sync on {c.req_id}: {st.num_computed_tokens} != {c.num_computed_tokens}")
+        states = [self.states[rid] for rid in plan.num_scheduled_tokens]
+        return states, list(plan.num_scheduled_tokens.values())
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        states, counts = self.apply_plan(plan)
+        if not states:
+            return StepResult(plan.step_id)
+        rows, out = self.runner.execute(states, counts)
+        for st, n in zip(states, counts):
+            st.num_computed_tokens += n
+        sampled: dict[RequestId, int] = {}
+        logprobs: dict[RequestId, TokenLogprobs] = {}
+        for row, tok, lp in zip(rows, out.token_ids, out.logprobs):
+            st = states[row]
+            st.token_ids.append(tok)
+            sampled[st.req_id] = tok
+            if lp is not None:
+                logprobs[st.req_id] = TokenLogprobs(lp[0], tuple(lp[1]), tuple(lp[2]))
+        return StepResult(plan.step_id, sampled, logprobs)
+
+    def shutdown(self) -> None:
+        self.states.clear()
+        self.runner.kv_caches = []

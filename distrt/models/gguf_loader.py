@@ -66,15 +66,6 @@ _LAYER_NAMES = {
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
-def is_gguf_file(path: str) -> bool:
-    """True if `path` is a file starting with the GGUF magic bytes."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == GGUF_MAGIC
-    except OSError:
-        return False
-
-
 def _check_header(path: str) -> int:
     """Validate the fixed header cheaply (GGUFReader would loop on absurd counts); returns the file size."""
     if not os.path.isfile(path):

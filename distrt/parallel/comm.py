@@ -106,9 +106,9 @@ class Communicator(ABC):
 
     @abstractmethod
     def split(self, groups: Sequence[Sequence[int]]) -> Communicator:
-        """Collective: every rank passes the same partition of ``range(size)`` (e.g.
-        ``ParallelLayout.tp_groups()``) and gets the communicator of the group that holds it, whose
-        group rank is the position in that group's listing."""
+        """Collective: every rank passes the same partition of ``range(size)`` into groups, each
+        listed in ascending order (e.g. ``ParallelLayout.tp_groups()``), and gets the communicator
+        of the group that holds it; its group rank is its position in that listing."""
 
     @abstractmethod
     def destroy(self) -> None:
@@ -150,6 +150,11 @@ class Communicator(ABC):
         seen: list[int] = [r for g in groups for r in g]
         if sorted(seen) != list(range(self.size)):
             raise ValueError(f"groups {groups} must partition ranks 0..{self.size - 1}, each exactly once")
+        # torch.distributed numbers a new group's ranks in ascending order whatever the listing;
+        # requiring that order keeps "group rank == position" true on every backend.
+        for g in groups:
+            if list(g) != sorted(g):
+                raise ValueError(f"group {list(g)} must list its ranks in ascending order")
         for gi, g in enumerate(groups):
             if self.rank in g:
                 return gi, list(g).index(self.rank)

@@ -20,6 +20,10 @@ from distrt.parallel.comm import (
     rank_major,
 )
 
+# torch 2.13 renamed the flat-buffer collectives and deprecated the old names; 2.4 has only those.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 def find_free_port(host: str = "127.0.0.1") -> int:
     """A port the OS reports free now; another process may still take it before rendezvous,
@@ -89,7 +93,7 @@ class TorchDistComm(Communicator):
         dim = self._split_dim(t, dim, "all_gather")
         t = t.contiguous()
         out = torch.empty((self.size, *t.shape), dtype=t.dtype)  # [ranks, *shape]
-        dist.all_gather_into_tensor(out, t, group=self._group)
+        _all_gather_flat(out.view(-1), t.view(-1), group=self._group)
         return cat_rank_major(out, dim)
 
     def reduce_scatter(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -97,7 +101,7 @@ class TorchDistComm(Communicator):
         dim = self._split_dim(t, dim, "reduce_scatter")
         chunks = rank_major(t, dim, self.size)  # [ranks, *chunk_shape]
         out = torch.empty(chunks.shape[1:], dtype=t.dtype)
-        dist.reduce_scatter_tensor(out, chunks, op=dist.ReduceOp.SUM, group=self._group)
+        _reduce_scatter_flat(out.view(-1), chunks.view(-1), op=dist.ReduceOp.SUM, group=self._group)
         return out
 
     def broadcast(self, t: torch.Tensor, src: int) -> torch.Tensor:

@@ -1,0 +1,5 @@
+import sys
+
+from distrt.cli import main
+
+sys.exit(main())

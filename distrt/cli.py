@@ -1,0 +1,97 @@
+"""`distrt` command line: generate (more subcommands register themselves in SUBCOMMANDS)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Callable
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default="default",
+                   help="Hugging Face checkpoint directory, GGUF file, or 'default' (embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--kv-cache-memory", type=float, default=0.9,
+                   help="fraction (<= 1) of free device memory for the KV cache, or bytes (> 1)")
+    g.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1)
+    g.add_argument("--pp", "--pipeline-parallel-size", dest="pp", type=int, default=1)
+    g.add_argument("--ep", "--expert-parallel-size", dest="ep", type=int, default=1)
+    g.add_argument("--executor", default="auto", help="auto | local | ray | mpi")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def engine_kwargs(a: argparse.Namespace) -> dict:
+    return dict(dtype=a.dtype, device=a.device, max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
+                block_size=a.block_size, kv_cache_memory=a.kv_cache_memory, tensor_parallel_size=a.tp,
+                pipeline_parallel_size=a.pp, expert_parallel_size=a.ep, executor=a.executor, seed=a.seed)
+
+
+def _generate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text for one prompt and print it with tokens/s")
+    _add_engine_args(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="raw text prompt (completion)")
+    src.add_argument("--chat", help="a user message, wrapped in the model's chat template")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--max-tokens", type=int, default=128)
+    s.add_argument("--temperature", type=float, default=0.0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--top-k", type=int, default=-1)
+    s.add_argument("--min-p", type=float, default=0.0)
+    s.add_argument("--n", type=int, default=1)
+    s.add_argument("--stop", action="append", default=None)
+    s.add_argument("--ignore-eos", action="store_true")
+    s.set_defaults(func=_run_generate)
+
+
+def _run_generate(a: argparse.Namespace) -> int:
+    from distrt import LLM, SamplingParams
+
+    params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                            min_p=a.min_p, n=a.n, stop=a.stop, ignore_eos=a.ignore_eos,
+                            seed=a.seed if a.temperature > 0 else None)
+    with LLM(a.model, **engine_kwargs(a)) as llm:
+        t0 = time.perf_counter()
+        if a.chat is not None:
+            out = llm.chat([{"role": "user", "content": a.chat}], params, use_tqdm=False)[0]
+        else:
+            out = llm.generate(a.prompt, params, use_tqdm=False)[0]
+        dt = time.perf_counter() - t0
+    ntok = sum(len(o.token_ids) for o in out.outputs)
+    for o in out.outputs:
+        if len(out.outputs) > 1:
+            print(f"--- sample {o.index} ---")
+        print(o.text)
+    print(f"\n[{ntok} tokens in {dt:.2f}s: {ntok / dt:.1f} tokens/s; prompt {len(out.prompt_token_ids)} tokens; "
+          f"finish: {', '.join(str(o.finish_reason) for o in out.outputs)}]", file=sys.stderr)
+    return 0
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_generate_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distrt", description="distrt: distributed LLM inference runtime")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as e:
+        print(f"distrt: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,22 +1,23 @@
 """Kernels: Triton on CUDA tensors, the plain-torch reference beside each kernel otherwise.
 
 The `*_op` functions are what layers call; they pick the implementation per call from the tensor's
-device (`use_triton`). Triton is imported lazily so the package works on machines without it.
+device (`use_triton`). Triton is imported on first launch only (see _lazy_triton), so the package
+works without it and the CPU path never imports it.
 DISTRT_FORCE_TRITON=1 routes CPU tensors to Triton too (tests under TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 
-from distrt.kernels.activation import silu_and_mul_ref
-from distrt.kernels.kv_cache import write_kv_cache_ref
-from distrt.kernels.norm import fused_add_rms_norm_ref, rms_norm_ref
-from distrt.kernels.paged_attention import paged_attention_ref
-from distrt.kernels.rotary import apply_rotary_ref, build_rope_cache
+from distrt.kernels._lazy_triton import triton_available
+from distrt.kernels.activation import silu_and_mul, silu_and_mul_ref
+from distrt.kernels.kv_cache import write_kv_cache, write_kv_cache_ref
+from distrt.kernels.norm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
+from distrt.kernels.paged_attention import paged_attention_decode, paged_attention_prefill, paged_attention_ref
+from distrt.kernels.rotary import apply_rotary, apply_rotary_ref, build_rope_cache
 
 __all__ = [
     "use_triton", "write_kv_cache_op", "attention_op", "rms_norm_op", "fused_add_rms_norm_op",
@@ -24,26 +25,15 @@ __all__ = [
 ]
 
 
-@functools.cache
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def use_triton(t: torch.Tensor) -> bool:
     """True when t lives on CUDA and triton imports, or DISTRT_FORCE_TRITON=1 (interpreter tests)."""
-    if not _triton_available():
-        return False
-    return t.is_cuda or os.environ.get("DISTRT_FORCE_TRITON", "0") == "1"
+    wanted = t.is_cuda or os.environ.get("DISTRT_FORCE_TRITON", "0") == "1"
+    return wanted and triton_available()  # find_spec only: the CPU path never imports triton
 
 
 def write_kv_cache_op(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       slot_mapping: torch.Tensor) -> None:
     if use_triton(k):
-        from distrt.kernels.kv_cache import write_kv_cache
         write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
     else:
         write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping)
@@ -56,16 +46,13 @@ def attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     if not use_triton(q):
         return paged_attention_ref(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale)
     if is_decode_only:
-        from distrt.kernels.paged_attention import paged_attention_decode
         return paged_attention_decode(q, k_cache, v_cache, seq_lens, block_tables, scale)
-    from distrt.kernels.paged_attention import paged_attention_prefill
     return paged_attention_prefill(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
                                    max_query_len)
 
 
 def rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if use_triton(x):
-        from distrt.kernels.norm import rms_norm
         return rms_norm(x, weight, eps)
     return rms_norm_ref(x, weight, eps)
 
@@ -74,7 +61,6 @@ def fused_add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch
                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (rms_norm(x + residual), x + residual); inputs are not modified."""
     if use_triton(x):
-        from distrt.kernels.norm import fused_add_rms_norm
         return fused_add_rms_norm(x, residual, weight, eps)
     return fused_add_rms_norm_ref(x, residual, weight, eps)
 
@@ -84,13 +70,11 @@ def apply_rotary_op(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     """Returns rotated (q, k). The Triton path rotates in place and returns the same tensors: callers
     must use the return values and not rely on the inputs being left untouched (or being modified)."""
     if use_triton(q):
-        from distrt.kernels.rotary import apply_rotary
         return apply_rotary(q, k, positions, cos_sin)
     return apply_rotary_ref(q, k, positions, cos_sin)
 
 
 def silu_and_mul_op(x: torch.Tensor) -> torch.Tensor:
     if use_triton(x):
-        from distrt.kernels.activation import silu_and_mul
         return silu_and_mul(x)
     return silu_and_mul_ref(x)

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the package must import without triton (CPU path)
-    triton = None
-    tl = None
+from distrt.kernels._lazy_triton import jit_kernels
+
+# Bound on first launch by _jit() (see _lazy_triton: importing triton here would fix its mode too early).
+triton: Any = None
+tl: Any = None
+_KERNELS = ('_silu_and_mul_kernel',)
+
+
+def _jit() -> None:
+    jit_kernels(globals(), _KERNELS)
 
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
@@ -20,21 +26,20 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
     return (torch.nn.functional.silu(xf[:, :inter]) * xf[:, inter:]).to(x.dtype)
 
 
-if triton is not None:
-
-    @triton.jit
-    def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, INTER: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < INTER
-        gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-        up = tl.load(x_ptr + row * stride_x + INTER + cols, mask=mask, other=0.0).to(tl.float32)
-        g = gate.to(tl.float32)
-        tl.store(out_ptr + row * INTER + cols, (g * tl.sigmoid(g) * up).to(gate.dtype), mask=mask)
+# triton.jit, applied by _jit()
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, INTER: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < INTER
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    up = tl.load(x_ptr + row * stride_x + INTER + cols, mask=mask, other=0.0).to(tl.float32)
+    g = gate.to(tl.float32)
+    tl.store(out_ptr + row * INTER + cols, (g * tl.sigmoid(g) * up).to(gate.dtype), mask=mask)
 
 
 def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Triton version of silu_and_mul_ref; x may have a row stride, output is contiguous (or `out`)."""
+    _jit()
     assert x.dim() == 2 and x.shape[1] % 2 == 0, x.shape
     assert x.stride(1) == 1, x.stride()
     assert x.dtype in (torch.float16, torch.bfloat16, torch.float32), x.dtype

@@ -8,14 +8,20 @@ Cache layout (one tensor for K, one for V, per layer)::
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the package must import without triton (CPU path)
-    triton = None
-    tl = None
+from distrt.kernels._lazy_triton import jit_kernels
+
+# Bound on first launch by _jit() (see _lazy_triton: importing triton here would fix its mode too early).
+triton: Any = None
+tl: Any = None
+_KERNELS = ('_write_kv_cache_kernel',)
+
+
+def _jit() -> None:
+    jit_kernels(globals(), _KERNELS)
 
 
 def _check(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -43,32 +49,31 @@ def write_kv_cache_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, 
     v_flat.index_copy_(0, slots, v[valid])
 
 
-if triton is not None:
-
-    @triton.jit
-    def _write_kv_cache_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
-                               stride_kt, stride_kh, stride_vt, stride_vh,
-                               NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                               BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-        t = tl.program_id(0)
-        slot = tl.load(slot_ptr + t)
-        if slot < 0:
-            return
-        h = tl.arange(0, BLOCK_H)
-        d = tl.arange(0, BLOCK_D)
-        mask = (h[:, None] < NUM_KV_HEADS) & (d[None, :] < HEAD_DIM)
-        src_k = t.to(tl.int64) * stride_kt + h[:, None] * stride_kh + d[None, :]
-        src_v = t.to(tl.int64) * stride_vt + h[:, None] * stride_vh + d[None, :]
-        # cache is contiguous: slot s starts at s * num_kv_heads * head_dim
-        dst = slot * (NUM_KV_HEADS * HEAD_DIM) + h[:, None] * HEAD_DIM + d[None, :]
-        tl.store(k_cache_ptr + dst, tl.load(k_ptr + src_k, mask=mask), mask=mask)
-        tl.store(v_cache_ptr + dst, tl.load(v_ptr + src_v, mask=mask), mask=mask)
+# triton.jit, applied by _jit()
+def _write_kv_cache_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+                           stride_kt, stride_kh, stride_vt, stride_vh,
+                           NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                           BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t)
+    if slot < 0:
+        return
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    mask = (h[:, None] < NUM_KV_HEADS) & (d[None, :] < HEAD_DIM)
+    src_k = t.to(tl.int64) * stride_kt + h[:, None] * stride_kh + d[None, :]
+    src_v = t.to(tl.int64) * stride_vt + h[:, None] * stride_vh + d[None, :]
+    # cache is contiguous: slot s starts at s * num_kv_heads * head_dim
+    dst = slot * (NUM_KV_HEADS * HEAD_DIM) + h[:, None] * HEAD_DIM + d[None, :]
+    tl.store(k_cache_ptr + dst, tl.load(k_ptr + src_k, mask=mask), mask=mask)
+    tl.store(v_cache_ptr + dst, tl.load(v_ptr + src_v, mask=mask), mask=mask)
 
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    slot_mapping: torch.Tensor) -> None:
     """Triton version of write_kv_cache_ref. k/v may be strided views (e.g. of a fused qkv output)
     as long as the last dim is contiguous."""
+    _jit()
     _check(k, v, k_cache, v_cache, slot_mapping)
     assert k.stride(2) == 1 and v.stride(2) == 1, (k.stride(), v.stride())
     assert slot_mapping.is_contiguous()

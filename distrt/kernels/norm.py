@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the package must import without triton (CPU path)
-    triton = None
-    tl = None
+from distrt.kernels._lazy_triton import jit_kernels
+
+# Bound on first launch by _jit() (see _lazy_triton: importing triton here would fix its mode too early).
+triton: Any = None
+tl: Any = None
+_KERNELS = ('_rms_norm_kernel',)
+
+
+def _jit() -> None:
+    jit_kernels(globals(), _KERNELS)
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -35,24 +41,22 @@ def fused_add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torc
     return rms_norm_ref(new_residual, weight, eps), new_residual
 
 
-if triton is not None:
-
-    @triton.jit
-    def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr, stride_x, stride_r, eps,
-                         HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK)
-        mask = cols < HIDDEN
-        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-        if HAS_RESIDUAL:
-            r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
-            # round the sum to the input dtype before normalising, as the reference (and HF) does
-            x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
-            tl.store(new_res_ptr + row * HIDDEN + cols, x, mask=mask)
-        xf = x.to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / HIDDEN + eps)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * HIDDEN + cols, (xf * rstd * w).to(x.dtype), mask=mask)
+# triton.jit, applied by _jit()
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr, stride_x, stride_r, eps,
+                     HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < HIDDEN
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        # round the sum to the input dtype before normalising, as the reference (and HF) does
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        tl.store(new_res_ptr + row * HIDDEN + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / HIDDEN + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * HIDDEN + cols, (xf * rstd * w).to(x.dtype), mask=mask)
 
 
 def _new_or_checked(buf: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
@@ -64,6 +68,7 @@ def _new_or_checked(buf: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
 
 def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
             out: torch.Tensor | None, residual_out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    _jit()
     _check(x, weight)
     assert x.stride(1) == 1 and weight.is_contiguous(), (x.stride(), weight.stride())
     assert x.dtype in (torch.float16, torch.bfloat16, torch.float32), x.dtype

@@ -17,14 +17,20 @@ Batch layout::
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the package must import without triton (CPU path)
-    triton = None
-    tl = None
+from distrt.kernels._lazy_triton import jit_kernels
+
+# Bound on first launch by _jit() (see _lazy_triton: importing triton here would fix its mode too early).
+triton: Any = None
+tl: Any = None
+_KERNELS = ('_load_kv_tile', '_prefill_kernel', '_decode_kernel', '_decode_reduce_kernel')
+
+
+def _jit() -> None:
+    jit_kernels(globals(), _KERNELS)
 
 
 def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
@@ -99,162 +105,160 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 _LOG2E = 1.4426950408889634
 
 
-if triton is not None:
+# triton.jit, applied by _jit()
+def _load_kv_tile(cache_ptr, bt_row_ptr, pos, mask, kv_head, d, d_mask,
+                  stride_cb, stride_co, stride_ch, BLOCK_SIZE: tl.constexpr):
+    """Gather [BLOCK_N, BLOCK_D] rows of one kv head at logical positions `pos` via the block table."""
+    blk = tl.load(bt_row_ptr + pos // BLOCK_SIZE, mask=mask, other=0).to(tl.int64)
+    offs = blk[:, None] * stride_cb + (pos % BLOCK_SIZE)[:, None] * stride_co + kv_head * stride_ch + d[None, :]
+    return tl.load(cache_ptr + offs, mask=mask[:, None] & d_mask[None, :], other=0.0)
 
-    @triton.jit
-    def _load_kv_tile(cache_ptr, bt_row_ptr, pos, mask, kv_head, d, d_mask,
-                      stride_cb, stride_co, stride_ch, BLOCK_SIZE: tl.constexpr):
-        """Gather [BLOCK_N, BLOCK_D] rows of one kv head at logical positions `pos` via the block table."""
-        blk = tl.load(bt_row_ptr + pos // BLOCK_SIZE, mask=mask, other=0).to(tl.int64)
-        offs = blk[:, None] * stride_cb + (pos % BLOCK_SIZE)[:, None] * stride_co + kv_head * stride_ch + d[None, :]
-        return tl.load(cache_ptr + offs, mask=mask[:, None] & d_mask[None, :], other=0.0)
+# triton.jit, applied by _jit()
+def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, scale_log2e,
+                    stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_co, stride_ch, stride_bt,
+                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
+                    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # One program: BLOCK_Q queries of one sequence x the GROUP query heads of one kv head, packed
+    # as BLOCK_M rows (row r = query r // GROUP, head r % GROUP), so K/V tiles are loaded once per group.
+    b = tl.program_id(0)
+    q_start = tl.program_id(1) * BLOCK_Q
+    kv_head = tl.program_id(2)
+    q_begin = tl.load(qsl_ptr + b)
+    q_len = tl.load(qsl_ptr + b + 1) - q_begin
+    if q_start >= q_len:
+        return
+    ctx_len = tl.load(seq_lens_ptr + b) - q_len  # cached prefix before this chunk
 
-    @triton.jit
-    def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, scale_log2e,
-                        stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_co, stride_ch, stride_bt,
-                        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
-                        BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-        # One program: BLOCK_Q queries of one sequence x the GROUP query heads of one kv head, packed
-        # as BLOCK_M rows (row r = query r // GROUP, head r % GROUP), so K/V tiles are loaded once per group.
-        b = tl.program_id(0)
-        q_start = tl.program_id(1) * BLOCK_Q
-        kv_head = tl.program_id(2)
-        q_begin = tl.load(qsl_ptr + b)
-        q_len = tl.load(qsl_ptr + b + 1) - q_begin
-        if q_start >= q_len:
-            return
-        ctx_len = tl.load(seq_lens_ptr + b) - q_len  # cached prefix before this chunk
+    r = tl.arange(0, BLOCK_M)
+    qi = q_start + r // GROUP
+    head = kv_head * GROUP + r % GROUP
+    row_valid = (r < BLOCK_Q * GROUP) & (qi < q_len)
+    q_pos = ctx_len + qi
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < HEAD_DIM
+    tok = (q_begin + qi).to(tl.int64)
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                mask=row_valid[:, None] & d_mask[None, :], other=0.0)
 
-        r = tl.arange(0, BLOCK_M)
-        qi = q_start + r // GROUP
-        head = kv_head * GROUP + r % GROUP
-        row_valid = (r < BLOCK_Q * GROUP) & (qi < q_len)
-        q_pos = ctx_len + qi
-        d = tl.arange(0, BLOCK_D)
-        d_mask = d < HEAD_DIM
-        tok = (q_begin + qi).to(tl.int64)
-        q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
-                    mask=row_valid[:, None] & d_mask[None, :], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    n = tl.arange(0, BLOCK_N)
+    # Keys before the tile's first query position are visible to every row: no causal mask there.
+    full_end = (ctx_len + q_start) // BLOCK_N * BLOCK_N
+    last_pos = ctx_len + tl.minimum(q_start + BLOCK_Q, q_len) - 1
+    for start in range(0, full_end, BLOCK_N):
+        pos = start + n
+        all_k = pos >= 0
+        k = _load_kv_tile(k_cache_ptr, bt_row, pos, all_k, kv_head, d, d_mask,
+                          stride_cb, stride_co, stride_ch, BLOCK_SIZE)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_kv_tile(v_cache_ptr, bt_row, pos, all_k, kv_head, d, d_mask,
+                          stride_cb, stride_co, stride_ch, BLOCK_SIZE)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    for start in range(full_end, last_pos + 1, BLOCK_N):
+        pos = start + n
+        in_ctx = pos <= last_pos
+        k = _load_kv_tile(k_cache_ptr, bt_row, pos, in_ctx, kv_head, d, d_mask,
+                          stride_cb, stride_co, stride_ch, BLOCK_SIZE)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
+        s = tl.where(pos[None, :] <= q_pos[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_kv_tile(v_cache_ptr, bt_row, pos, in_ctx, kv_head, d, d_mask,
+                          stride_cb, stride_co, stride_ch, BLOCK_SIZE)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
 
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        bt_row = bt_ptr + b.to(tl.int64) * stride_bt
-        n = tl.arange(0, BLOCK_N)
-        # Keys before the tile's first query position are visible to every row: no causal mask there.
-        full_end = (ctx_len + q_start) // BLOCK_N * BLOCK_N
-        last_pos = ctx_len + tl.minimum(q_start + BLOCK_Q, q_len) - 1
-        for start in range(0, full_end, BLOCK_N):
-            pos = start + n
-            all_k = pos >= 0
-            k = _load_kv_tile(k_cache_ptr, bt_row, pos, all_k, kv_head, d, d_mask,
-                              stride_cb, stride_co, stride_ch, BLOCK_SIZE)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = _load_kv_tile(v_cache_ptr, bt_row, pos, all_k, kv_head, d, d_mask,
-                              stride_cb, stride_co, stride_ch, BLOCK_SIZE)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
-        for start in range(full_end, last_pos + 1, BLOCK_N):
-            pos = start + n
-            in_ctx = pos <= last_pos
-            k = _load_kv_tile(k_cache_ptr, bt_row, pos, in_ctx, kv_head, d, d_mask,
-                              stride_cb, stride_co, stride_ch, BLOCK_SIZE)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
-            s = tl.where(pos[None, :] <= q_pos[:, None], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = _load_kv_tile(v_cache_ptr, bt_row, pos, in_ctx, kv_head, d, d_mask,
-                              stride_cb, stride_co, stride_ch, BLOCK_SIZE)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_mask[None, :])
 
-        out = acc / l_i[:, None]
-        tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_mask[None, :])
+# triton.jit, applied by _jit()
+def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_ml_ptr, seq_lens_ptr, bt_ptr,
+                   scale_log2e, stride_qb, stride_qh, stride_ob, stride_oh,
+                   stride_cb, stride_co, stride_ch, stride_bt,
+                   NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                   BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # One program: all GROUP query heads of one kv head, one split of one sequence's context.
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+    # each sequence splits its own context evenly, so no host-side max(seq_lens) is needed
+    chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, seq_len)
 
-    @triton.jit
-    def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_ml_ptr, seq_lens_ptr, bt_ptr,
-                       scale_log2e, stride_qb, stride_qh, stride_ob, stride_oh,
-                       stride_cb, stride_co, stride_ch, stride_bt,
-                       NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
-                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                       BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-        # One program: all GROUP query heads of one kv head, one split of one sequence's context.
-        b = tl.program_id(0)
-        kv_head = tl.program_id(1)
-        split = tl.program_id(2)
-        seq_len = tl.load(seq_lens_ptr + b)
-        # each sequence splits its own context evenly, so no host-side max(seq_lens) is needed
-        chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-        start = split * chunk
-        end = tl.minimum(start + chunk, seq_len)
+    g = tl.arange(0, BLOCK_G)
+    g_mask = g < GROUP
+    head = kv_head * GROUP + g
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < HEAD_DIM
+    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + head[:, None] * stride_qh + d[None, :],
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
 
-        g = tl.arange(0, BLOCK_G)
-        g_mask = g < GROUP
-        head = kv_head * GROUP + g
-        d = tl.arange(0, BLOCK_D)
-        d_mask = d < HEAD_DIM
-        q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + head[:, None] * stride_qh + d[None, :],
-                    mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    n = tl.arange(0, BLOCK_N)
+    for tile in range(start, end, BLOCK_N):
+        pos = tile + n
+        valid = pos < end
+        k = _load_kv_tile(k_cache_ptr, bt_row, pos, valid, kv_head, d, d_mask,
+                          stride_cb, stride_co, stride_ch, BLOCK_SIZE)
+        v = _load_kv_tile(v_cache_ptr, bt_row, pos, valid, kv_head, d, d_mask,
+                          stride_cb, stride_co, stride_ch, BLOCK_SIZE)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
 
-        m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-        bt_row = bt_ptr + b.to(tl.int64) * stride_bt
-        n = tl.arange(0, BLOCK_N)
-        for tile in range(start, end, BLOCK_N):
-            pos = tile + n
-            valid = pos < end
-            k = _load_kv_tile(k_cache_ptr, bt_row, pos, valid, kv_head, d, d_mask,
-                              stride_cb, stride_co, stride_ch, BLOCK_SIZE)
-            v = _load_kv_tile(v_cache_ptr, bt_row, pos, valid, kv_head, d, d_mask,
-                              stride_cb, stride_co, stride_ch, BLOCK_SIZE)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
+    store_mask = g_mask[:, None] & d_mask[None, :]
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + b.to(tl.int64) * stride_ob + head[:, None] * stride_oh + d[None, :],
+                 (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=store_mask)
+    else:
+        # partials: acc [B, H, S, D] unnormalised, ml [B, H, S, 2] = (running max in log2 units, sum)
+        row = (b.to(tl.int64) * NUM_HEADS + head) * NUM_SPLITS + split  # [BLOCK_G]
+        tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=store_mask)
+        tl.store(part_ml_ptr + row * 2, m_i, mask=g_mask)
+        tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=g_mask)
 
-        store_mask = g_mask[:, None] & d_mask[None, :]
-        if NUM_SPLITS == 1:
-            tl.store(out_ptr + b.to(tl.int64) * stride_ob + head[:, None] * stride_oh + d[None, :],
-                     (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=store_mask)
-        else:
-            # partials: acc [B, H, S, D] unnormalised, ml [B, H, S, 2] = (running max in log2 units, sum)
-            row = (b.to(tl.int64) * NUM_HEADS + head) * NUM_SPLITS + split  # [BLOCK_G]
-            tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=store_mask)
-            tl.store(part_ml_ptr + row * 2, m_i, mask=g_mask)
-            tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=g_mask)
-
-    @triton.jit
-    def _decode_reduce_kernel(part_acc_ptr, part_ml_ptr, out_ptr, stride_ob, stride_oh,
-                              NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                              NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
-        b = tl.program_id(0).to(tl.int64)
-        h = tl.program_id(1)
-        s = tl.arange(0, BLOCK_S)
-        s_mask = s < NUM_SPLITS
-        d = tl.arange(0, BLOCK_D)
-        d_mask = d < HEAD_DIM
-        row = (b * NUM_HEADS + h) * NUM_SPLITS + s  # [BLOCK_S]
-        m = tl.load(part_ml_ptr + row * 2, mask=s_mask, other=float("-inf"))
-        l = tl.load(part_ml_ptr + row * 2 + 1, mask=s_mask, other=0.0)
-        # empty splits carry m = -inf, l = 0, acc = 0 and get weight 0
-        w = tl.exp2(m - tl.max(m, 0))
-        acc = tl.load(part_acc_ptr + row[:, None] * HEAD_DIM + d[None, :],
-                      mask=s_mask[:, None] & d_mask[None, :], other=0.0)
-        out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
-        tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+# triton.jit, applied by _jit()
+def _decode_reduce_kernel(part_acc_ptr, part_ml_ptr, out_ptr, stride_ob, stride_oh,
+                          NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                          NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    s_mask = s < NUM_SPLITS
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < HEAD_DIM
+    row = (b * NUM_HEADS + h) * NUM_SPLITS + s  # [BLOCK_S]
+    m = tl.load(part_ml_ptr + row * 2, mask=s_mask, other=float("-inf"))
+    l = tl.load(part_ml_ptr + row * 2 + 1, mask=s_mask, other=0.0)
+    # empty splits carry m = -inf, l = 0, acc = 0 and get weight 0
+    w = tl.exp2(m - tl.max(m, 0))
+    acc = tl.load(part_acc_ptr + row[:, None] * HEAD_DIM + d[None, :],
+                  mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+    out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
@@ -262,7 +266,7 @@ _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 
 def _check_kernel_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
                          block_tables: torch.Tensor) -> None:
-    assert triton is not None, "triton is not installed"
+    _jit()
     assert q.dtype in _SUPPORTED, q.dtype
     assert q.stride(2) == 1, q.stride()
     assert k_cache.is_contiguous() and v_cache.is_contiguous()
@@ -303,11 +307,7 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if num_tokens == 0 or batch == 0 or max_query_len == 0:
         return out
     block_d = triton.next_power_of_2(head_dim)
-    if q.is_cuda:
-        block_m, block_n = (128, 64) if q.element_size() == 2 else (64, 32)
-        num_warps, num_stages = (8, 3) if block_d <= 128 else (8, 2)
-    else:  # interpreter: small tiles keep the simulated work low
-        block_m, block_n, num_warps, num_stages = 16, 16, 4, 1
+    block_m, block_n, num_warps, num_stages = prefill_config(head_dim, q.dtype, q.device)
     block_m = max(block_m, triton.next_power_of_2(group))
     block_q = block_m // group
     grid = (batch, triton.cdiv(max_query_len, block_q), num_kv_heads)
@@ -325,6 +325,22 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 _SM_COUNT: dict[int, int] = {}
 
 
+def decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) of the decode kernel; benchmarks/kernels_gpu.py --tune sweeps these."""
+    if device.type != "cuda":
+        return 16, 4, 1  # interpreter: small tiles keep the simulated work low
+    return 64, 4, 3
+
+
+def prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the prefill kernel (BLOCK_M rows = queries x group heads)."""
+    if device.type != "cuda":
+        return 16, 16, 4, 1
+    if dtype == torch.float32:
+        return 64, 32, 4, 2
+    return 128, 64, 8, 3
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
@@ -340,7 +356,7 @@ def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, device: t
     Depends only on shapes (block-table width, not seq_lens values): stable under CUDA graphs."""
     programs = batch * num_kv_heads
     target = 2 * _num_sms(device) * 2
-    splits = triton.cdiv(target, programs)
+    splits = -(-target // programs)
     max_useful = max(1, max_context // (4 * block_n))
     return max(1, min(splits, max_useful, 64))
 
@@ -363,10 +379,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         return out
     block_d = triton.next_power_of_2(head_dim)
     block_g = max(16, triton.next_power_of_2(group))  # tl.dot needs M >= 16
-    if q.is_cuda:
-        block_n, num_warps, num_stages = 64, 4, 3
-    else:
-        block_n, num_warps, num_stages = 16, 4, 1
+    block_n, num_warps, num_stages = decode_config(head_dim, q.dtype, q.device)
     if num_splits is None:
         num_splits = decode_num_splits(batch, num_kv_heads, block_tables.shape[1] * block_size, q.device, block_n)
     assert num_splits >= 1, num_splits

@@ -6,16 +6,22 @@ each half head_dim // 2 wide; inv_freq follows transformers' ROPE_INIT_FUNCTIONS
 
 from __future__ import annotations
 
+from typing import Any
+
 import math
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the package must import without triton (CPU path)
-    triton = None
-    tl = None
+from distrt.kernels._lazy_triton import jit_kernels
+
+# Bound on first launch by _jit() (see _lazy_triton: importing triton here would fix its mode too early).
+triton: Any = None
+tl: Any = None
+_KERNELS = ('_rotate_heads', '_rotary_kernel')
+
+
+def _jit() -> None:
+    jit_kernels(globals(), _KERNELS)
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
@@ -82,40 +88,39 @@ def apply_rotary_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     return _rotate_ref(q, cos, sin), _rotate_ref(k, cos, sin)
 
 
-if triton is not None:
+# triton.jit, applied by _jit()
+def _rotate_heads(x_ptr, t, stride_t, stride_h, cos, sin,
+                  NUM_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+                  BLOCK_HALF: tl.constexpr):
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_HALF)
+    mask = (h[:, None] < NUM_HEADS) & (d[None, :] < HALF)
+    ptr1 = x_ptr + t * stride_t + h[:, None] * stride_h + d[None, :]
+    x1 = tl.load(ptr1, mask=mask, other=0.0)
+    x2 = tl.load(ptr1 + HALF, mask=mask, other=0.0).to(tl.float32)
+    x1f = x1.to(tl.float32)
+    tl.store(ptr1, (x1f * cos - x2 * sin).to(x1.dtype), mask=mask)
+    tl.store(ptr1 + HALF, (x2 * cos + x1f * sin).to(x1.dtype), mask=mask)
 
-    @triton.jit
-    def _rotate_heads(x_ptr, t, stride_t, stride_h, cos, sin,
-                      NUM_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-                      BLOCK_HALF: tl.constexpr):
-        h = tl.arange(0, BLOCK_H)
-        d = tl.arange(0, BLOCK_HALF)
-        mask = (h[:, None] < NUM_HEADS) & (d[None, :] < HALF)
-        ptr1 = x_ptr + t * stride_t + h[:, None] * stride_h + d[None, :]
-        x1 = tl.load(ptr1, mask=mask, other=0.0)
-        x2 = tl.load(ptr1 + HALF, mask=mask, other=0.0).to(tl.float32)
-        x1f = x1.to(tl.float32)
-        tl.store(ptr1, (x1f * cos - x2 * sin).to(x1.dtype), mask=mask)
-        tl.store(ptr1 + HALF, (x2 * cos + x1f * sin).to(x1.dtype), mask=mask)
-
-    @triton.jit
-    def _rotary_kernel(q_ptr, k_ptr, pos_ptr, cos_sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
-                       stride_cs, NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HALF: tl.constexpr,
-                       BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr):
-        t = tl.program_id(0).to(tl.int64)
-        pos = tl.load(pos_ptr + t)
-        d = tl.arange(0, BLOCK_HALF)
-        dmask = d < HALF
-        cos = tl.load(cos_sin_ptr + pos * stride_cs + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
-        sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
-        _rotate_heads(q_ptr, t, stride_qt, stride_qh, cos, sin, NUM_Q_HEADS, HALF, BLOCK_QH, BLOCK_HALF)
-        _rotate_heads(k_ptr, t, stride_kt, stride_kh, cos, sin, NUM_K_HEADS, HALF, BLOCK_KH, BLOCK_HALF)
+# triton.jit, applied by _jit()
+def _rotary_kernel(q_ptr, k_ptr, pos_ptr, cos_sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
+                   stride_cs, NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HALF: tl.constexpr,
+                   BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t)
+    d = tl.arange(0, BLOCK_HALF)
+    dmask = d < HALF
+    cos = tl.load(cos_sin_ptr + pos * stride_cs + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    _rotate_heads(q_ptr, t, stride_qt, stride_qh, cos, sin, NUM_Q_HEADS, HALF, BLOCK_QH, BLOCK_HALF)
+    _rotate_heads(k_ptr, t, stride_kt, stride_kh, cos, sin, NUM_K_HEADS, HALF, BLOCK_KH, BLOCK_HALF)
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
                  cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of apply_rotary_ref, IN PLACE: q and k are overwritten and returned.
     q/k may be strided views (e.g. of a fused qkv output) with a contiguous last dim."""
+    _jit()
     _check(q, k, positions, cos_sin)
     assert q.stride(2) == 1 and k.stride(2) == 1, (q.stride(), k.stride())
     assert cos_sin.stride(1) == 1 and positions.is_contiguous()

@@ -94,7 +94,9 @@ class Communicator(ABC):
         return self._all_to_all([t.contiguous() for t in inputs], shapes, dtype)
 
     @abstractmethod
-    def _all_to_all(self, inputs: list[torch.Tensor], recv_shapes: list[Shape], dtype: torch.dtype) -> list[torch.Tensor]:
+    def _all_to_all(
+        self, inputs: list[torch.Tensor], recv_shapes: list[Shape], dtype: torch.dtype
+    ) -> list[torch.Tensor]:
         """Backend part of all_to_all: inputs are contiguous, validated, and shapes are known."""
 
     @abstractmethod
@@ -196,7 +198,7 @@ def bytes_view(t: torch.Tensor) -> torch.Tensor:
 class SingleRankComm(Communicator):
     """The communicator of a group of one: every collective is the identity."""
 
-    def __init__(self, device: torch.device | str = "cpu") -> None:
+    def __init__(self, device: torch.device | int | str = "cpu") -> None:
         self._device = torch.device(device)
 
     @property
@@ -237,7 +239,9 @@ class SingleRankComm(Communicator):
         self._check_peer(src)
         return out
 
-    def _all_to_all(self, inputs: list[torch.Tensor], recv_shapes: list[Shape], dtype: torch.dtype) -> list[torch.Tensor]:
+    def _all_to_all(
+        self, inputs: list[torch.Tensor], recv_shapes: list[Shape], dtype: torch.dtype
+    ) -> list[torch.Tensor]:
         return list(inputs)
 
     def barrier(self) -> None:

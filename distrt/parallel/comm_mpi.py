@@ -33,7 +33,7 @@ def _mpi() -> ModuleType:
 class MpiComm(Communicator):
     """An MPI intracommunicator; ``MpiComm.world()`` wraps COMM_WORLD, ``split`` makes the rest."""
 
-    def __init__(self, comm: MPI.Intracomm, owned: bool) -> None:
+    def __init__(self, comm: MPI.Comm, owned: bool) -> None:
         self._comm = comm
         self._owned = owned
         self._rank = int(comm.Get_rank())
@@ -115,7 +115,9 @@ class MpiComm(Communicator):
             out.copy_(buf)
         return out
 
-    def _all_to_all(self, inputs: list[torch.Tensor], recv_shapes: list[Shape], dtype: torch.dtype) -> list[torch.Tensor]:
+    def _all_to_all(
+        self, inputs: list[torch.Tensor], recv_shapes: list[Shape], dtype: torch.dtype
+    ) -> list[torch.Tensor]:
         MPI = _mpi()
         itemsize = torch.empty((), dtype=dtype).element_size()
         send_counts = [t.numel() * itemsize for t in inputs]
@@ -128,7 +130,7 @@ class MpiComm(Communicator):
             [send.numpy(), (send_counts, send_displs), MPI.BYTE],
             [recv.numpy(), (recv_counts, recv_displs), MPI.BYTE],
         )
-        return [p.view(dtype).reshape(s) for p, s in zip(recv.split(recv_counts), recv_shapes)]
+        return [p.view(dtype).reshape(s) for p, s in zip(recv.split(recv_counts), recv_shapes, strict=True)]
 
     def barrier(self) -> None:
         self._comm.Barrier()

@@ -65,14 +65,20 @@ def nccl_unique_id() -> bytes:
     """A fresh NCCL unique id as bytes. The calling process hosts NCCL's bootstrap root for it,
     so it must stay alive until every rank has constructed its NcclComm."""
     uid = _nccl().get_unique_id()
-    return bytes(b & 0xFF for b in uid)
+    if isinstance(uid, (bytes, bytearray)):
+        return bytes(uid)
+    return bytes(b & 0xFF for b in uid)  # cupy < 14: a tuple of C chars
 
 
 def _init_communicator(nccl: ModuleType, world_size: int, unique_id: bytes, rank: int) -> Any:
     if len(unique_id) != UNIQUE_ID_BYTES:
         raise ValueError(f"an NCCL unique id is {UNIQUE_ID_BYTES} bytes, got {len(unique_id)}")
-    # cupy takes the id as a tuple of C chars: signed on x86-64, unsigned on aarch64. Converting
-    # an out-of-range value raises OverflowError before NCCL is called, so try signed first.
+    try:
+        return nccl.NcclCommunicator(world_size, unique_id, rank)
+    except TypeError:
+        pass  # raised by the argument check, before NCCL is called: cupy < 14 wants a tuple
+    # ... of C chars: signed on x86-64, unsigned on aarch64. Converting an out-of-range value
+    # raises OverflowError, again before NCCL is called, so try signed first.
     signed = tuple(b - 256 if b > 127 else b for b in unique_id)
     try:
         return nccl.NcclCommunicator(world_size, signed, rank)
@@ -93,8 +99,9 @@ _atexit_registered = False
 
 
 def _destroy_live_at_exit() -> None:
-    # A process exiting with a live NCCL communicator hung in interpreter teardown (cupy's
-    # __dealloc__ destroys it after CUDA is half gone), so destroy them while everything is up.
+    # A process exiting with a live NCCL communicator has hung in interpreter teardown, where
+    # cupy's __dealloc__ destroys it with CUDA half gone; destroy them while everything is up.
+    # (Not reproduced with cupy 14.2 / NCCL 2.28 on H200, where exit was clean either way.)
     with _live_lock:
         refs = list(reversed(_live))
         _live.clear()
@@ -207,7 +214,9 @@ class NcclComm(Communicator):
             out.copy_(buf)
         return out
 
-    def _all_to_all(self, inputs: list[torch.Tensor], recv_shapes: list[Shape], dtype: torch.dtype) -> list[torch.Tensor]:
+    def _all_to_all(
+        self, inputs: list[torch.Tensor], recv_shapes: list[Shape], dtype: torch.dtype
+    ) -> list[torch.Tensor]:
         outs = [torch.empty(s, dtype=dtype, device=self._device) for s in recv_shapes]
         stream = self._stream()
         # One group, so the pairwise sends and receives progress together instead of deadlocking.

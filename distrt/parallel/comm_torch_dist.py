@@ -125,7 +125,9 @@ class TorchDistComm(Communicator):
             out.copy_(buf)
         return out
 
-    def _all_to_all(self, inputs: list[torch.Tensor], recv_shapes: list[Shape], dtype: torch.dtype) -> list[torch.Tensor]:
+    def _all_to_all(
+        self, inputs: list[torch.Tensor], recv_shapes: list[Shape], dtype: torch.dtype
+    ) -> list[torch.Tensor]:
         # Bytes, so every dtype and every per-pair shape goes through one all_to_all_single.
         send_bytes = [bytes_view(t) for t in inputs]
         itemsize = torch.empty((), dtype=dtype).element_size()
@@ -139,7 +141,7 @@ class TorchDistComm(Communicator):
             group=self._group,
         )
         pieces = out.split([n * itemsize for n in recv_numels])
-        return [p.view(dtype).reshape(s) for p, s in zip(pieces, recv_shapes)]
+        return [p.view(dtype).reshape(s) for p, s in zip(pieces, recv_shapes, strict=True)]
 
     def barrier(self) -> None:
         dist.barrier(group=self._group)

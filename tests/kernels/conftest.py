@@ -1,29 +1,32 @@
-"""Kernel tests: Triton kernels run under the interpreter when no GPU is present.
+"""Kernel tests: without a GPU the Triton kernels run in the interpreter on CPU tensors.
 
-Shared helpers live in kernel_testutil.py (a unique module name: `conftest` is ambiguous across test dirs).
-
-triton.jit picks interpreter vs compiler when a kernel is *decorated* (module import), so the
-env var is set here, before the tests import distrt.kernels; kernel modules that another test
-directory already imported without it are reloaded. With CUDA present nothing is changed.
+Triton fixes interpreter-vs-compiler mode when it is first imported, so TRITON_INTERPRET=1 is set
+here at collection time. distrt never imports triton before a kernel's first launch (see
+distrt/kernels/_lazy_triton.py), so this is early enough unless some other test module imported
+triton at import time: then the kernel tests fail with that explanation rather than a cryptic
+"Cannot call @triton.jit'd outside of the scope of a kernel". With CUDA present nothing is changed.
+Shared helpers live in kernel_testutil.py (`conftest` is an ambiguous module name across test dirs).
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 
 import pytest
 import torch
 
-_FAMILIES = ("kv_cache", "paged_attention", "norm", "rotary", "activation")
-
+_IMPORTED_TOO_EARLY = False
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    _IMPORTED_TOO_EARLY = "triton" in sys.modules
     os.environ["TRITON_INTERPRET"] = "1"
-    for _name in _FAMILIES:
-        _mod = sys.modules.get(f"distrt.kernels.{_name}")
-        if _mod is not None:
-            importlib.reload(_mod)
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_usable() -> None:
+    if _IMPORTED_TOO_EARLY:
+        pytest.fail("triton was imported before tests/kernels/conftest.py could set TRITON_INTERPRET=1; "
+                    "set it in the environment or in tests/conftest.py (CPU runs)")
 
 
 @pytest.fixture

@@ -34,6 +34,13 @@ def _eq(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
     assert torch.equal(got, want), f"{what}: got {got} want {want}"
 
 
+def _total(ts: Sequence[torch.Tensor]) -> torch.Tensor:
+    out = ts[0].clone()
+    for t in ts[1:]:
+        out = out + t
+    return out
+
+
 def _a2a_rows(src: int, dst: int) -> int:
     return (src + 2 * dst) % 3  # uneven per pair, zero rows for some pairs
 
@@ -46,10 +53,10 @@ def check_collectives(comm: Communicator) -> None:
     rank, world, dev = comm.rank, comm.size, comm.device
 
     for dtype in SUM_DTYPES:
-        want = sum(_input(r, (3, 5), dtype) for r in range(world))
+        want = _total([_input(r, (3, 5), dtype) for r in range(world)])
         _eq(comm.all_reduce(_input(rank, (3, 5), dtype).to(dev)), want, f"all_reduce {dtype}")
     base = _input(rank, (5, 3), torch.float32).to(dev)
-    want = sum(_input(r, (5, 3), torch.float32) for r in range(world)).t()
+    want = _total([_input(r, (5, 3), torch.float32) for r in range(world)]).t()
     _eq(comm.all_reduce(base.t()), want, "all_reduce of a non-contiguous view")
 
     for dim in (0, 1, -1):
@@ -59,7 +66,7 @@ def check_collectives(comm: Communicator) -> None:
 
     for dim in (0, 1):
         shape = (2 * world, 3) if dim == 0 else (3, 2 * world)
-        total = sum(_input(r, shape, torch.float32) for r in range(world))
+        total = _total([_input(r, shape, torch.float32) for r in range(world)])
         want = total.chunk(world, dim=dim)[rank].contiguous()
         _eq(comm.reduce_scatter(_input(rank, shape, torch.float32).to(dev), dim=dim), want, f"reduce_scatter dim={dim}")
 
@@ -81,11 +88,11 @@ def check_collectives(comm: Communicator) -> None:
 
     for dtype in (torch.float32, torch.int64):
         inputs = [_a2a_piece(rank, dst, dtype).to(dev) for dst in range(world)]
-        want = [_a2a_piece(src, rank, dtype) for src in range(world)]
-        for got, w, src in zip(comm.all_to_all(inputs), want, range(world)):
+        wants = [_a2a_piece(src, rank, dtype) for src in range(world)]
+        for got, w, src in zip(comm.all_to_all(inputs), wants, range(world), strict=True):
             _eq(got, w, f"all_to_all {dtype} from {src} (shapes exchanged)")
-        shapes = [tuple(w.shape) for w in want]
-        for got, w, src in zip(comm.all_to_all(inputs, recv_shapes=shapes), want, range(world)):
+        shapes = [tuple(w.shape) for w in wants]
+        for got, w, src in zip(comm.all_to_all(inputs, recv_shapes=shapes), wants, range(world), strict=True):
             _eq(got, w, f"all_to_all {dtype} from {src} (recv_shapes given)")
 
     for src in (0, world - 1):
@@ -140,7 +147,7 @@ def _run_rank(fn: Callable[..., None], rank: int, args: tuple[Any, ...], errors:
         fn(rank, *args)
     except BaseException:
         errors.put((rank, traceback.format_exc()))
-        raise SystemExit(1)
+        raise SystemExit(1) from None
 
 
 def run_ranks(fn: Callable[..., None], world_size: int, args: tuple[Any, ...] = (), timeout_s: float = 60.0) -> None:

@@ -34,11 +34,13 @@ def test_mpi_suite_under_mpirun(request: pytest.FixtureRequest) -> None:
     if mpirun is None:
         pytest.skip("no mpirun on PATH or beside the interpreter (pip install mpich)")
 
-    cmd = [mpirun, "-n", "2", sys.executable, "-m", "pytest", "--with-mpi", "-q", "-p", "no:cacheprovider", str(MPI_TESTS)]
+    pytest_args = ["--with-mpi", "-q", "-p", "no:cacheprovider", str(MPI_TESTS)]
+    cmd = [mpirun, "-n", "2", sys.executable, "-m", "pytest", *pytest_args]
     try:
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired as e:
-        pytest.fail(f"mpirun timed out after 120 s\n{e.stdout}\n{e.stderr}")
+        partial = [x.decode() if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr)]
+        pytest.fail("mpirun timed out after 120 s\n" + "\n".join(partial))
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}\n{out}"
     summaries = re.findall(r"^=* ?(\d+ passed.*?) ?=*$", out, flags=re.MULTILINE)

@@ -61,21 +61,28 @@ def test_factory_argument_checks() -> None:
 
 
 class _FakeNcclCommunicator:
-    """Stands in for cupy's constructor: it converts each id entry to a C char, signed or not."""
+    """Stands in for cupy's constructor: cupy >= 14 takes bytes, older cupy a tuple whose entries
+    it converts to C chars, signed (x86-64) or unsigned (aarch64)."""
 
-    signed = True
+    takes: str = "bytes"
 
-    def __init__(self, ndev: int, comm_id: tuple[int, ...], rank: int) -> None:
-        lo, hi = (-128, 127) if self.signed else (0, 255)
-        if not all(lo <= b <= hi for b in comm_id):
-            raise OverflowError("value too large to convert to char")
+    def __init__(self, ndev: int, comm_id: bytes | tuple[int, ...], rank: int) -> None:
+        if self.takes == "bytes":
+            if not isinstance(comm_id, bytes):
+                raise TypeError("Argument 'commId' has incorrect type (expected bytes, got tuple)")
+        else:
+            if not isinstance(comm_id, tuple):
+                raise TypeError("Argument 'commId' has incorrect type (expected tuple, got bytes)")
+            lo, hi = (-128, 127) if self.takes == "signed" else (0, 255)
+            if not all(lo <= b <= hi for b in comm_id):
+                raise OverflowError("value too large to convert to char")
         self.comm_id = comm_id
 
 
-@pytest.mark.parametrize("signed", [True, False])
-def test_unique_id_bytes_reach_nccl_as_chars(signed: bool) -> None:
+@pytest.mark.parametrize("takes", ["bytes", "signed", "unsigned"])
+def test_unique_id_bytes_reach_nccl(takes: str) -> None:
     uid = bytes((i * 37) % 256 for i in range(UNIQUE_ID_BYTES))
-    fake_cls = type("Fake", (_FakeNcclCommunicator,), {"signed": signed})
+    fake_cls = type("Fake", (_FakeNcclCommunicator,), {"takes": takes})
     comm = _init_communicator(SimpleNamespace(NcclCommunicator=fake_cls), 2, uid, 0)  # type: ignore[arg-type]
     assert bytes(b & 0xFF for b in comm.comm_id) == uid
     with pytest.raises(ValueError, match="128 bytes"):

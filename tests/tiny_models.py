@@ -43,12 +43,11 @@ def _config(name: str, **overrides: Any):  # type: ignore[no-untyped-def]
 
 
 def write_word_tokenizer(path: str, vocab_size: int) -> None:
-    """A word-level tokenizer whose vocabulary is exactly vocab_size tokens w0 .. w{V-1}."""
+    """A word-level tokenizer whose vocabulary is exactly vocab_size tokens: <unk>, w1 .. w{V-1}."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {f"w{i}": i for i in range(vocab_size)}
-    vocab["<unk>"] = 0
+    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, vocab_size)}}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins with spaces

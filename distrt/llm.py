@@ -42,9 +42,12 @@ def resolve_dtype(dtype: str, device: str, checkpoint_dtype: str | None) -> str:
 
 def load_model_config(model: str, dtype: str, device: str) -> ModelConfig:
     from distrt.models.default_model import resolve_model
+    from distrt.models.shapes import is_shape, shape_config
 
-    kind, path = resolve_model(model)
-    if kind == "gguf":
+    kind, path = ("shape", model) if is_shape(model) else resolve_model(model)
+    if kind == "shape":
+        raw = shape_config(model)
+    elif kind == "gguf":
         from distrt.models.gguf_loader import load_gguf_config
 
         raw = load_gguf_config(path)
@@ -57,7 +60,7 @@ def load_model_config(model: str, dtype: str, device: str) -> ModelConfig:
     archs = raw.get("architectures") or ["<none>"]
     model_class(archs[0])  # unsupported architectures fail here, before any weight is read
     ckpt = raw.get("torch_dtype") or raw.get("dtype")
-    return ModelConfig.from_hf_dict(raw, path=path, kind=kind, dtype=resolve_dtype(dtype, device, ckpt if kind == "hf" else None))
+    return ModelConfig.from_hf_dict(raw, path=path, kind=kind, dtype=resolve_dtype(dtype, device, ckpt if kind != "gguf" else None))
 
 
 class LLM:
@@ -105,7 +108,12 @@ class LLM:
                                    enforce_eager=enforce_eager)
         from distrt.engine.tokenizer import load_tokenizer
 
-        self.tokenizer = load_tokenizer(mcfg.kind, mcfg.path)
+        if mcfg.kind == "shape":
+            from distrt.models.shapes import synthetic_tokenizer
+
+            self.tokenizer = synthetic_tokenizer(mcfg.vocab_size)
+        else:
+            self.tokenizer = load_tokenizer(mcfg.kind, mcfg.path)
         self._executor = create_executor(self.config) if cluster is None else cluster.create_executor(self.config)
         try:
             self.engine = LLMEngine(self.config, self.tokenizer, self._executor)

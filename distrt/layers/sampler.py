@@ -63,12 +63,11 @@ class Sampler:
         logits = self._suppress(logits, rows)
         logits = self._penalize(logits, rows)
 
-        temps = torch.tensor([r.spec.temperature for r in rows], device=dev, dtype=torch.float32)
-        greedy = temps == 0
         tokens = logits.argmax(dim=-1)
-        if not bool(greedy.all()):
+        if any(r.spec.temperature > 0 for r in rows):  # decided on the host: no device sync
+            temps = torch.tensor([r.spec.temperature for r in rows], dtype=torch.float32).to(dev, non_blocking=True)
             sampled = self._sample(logits, rows, temps)
-            tokens = torch.where(greedy, tokens, sampled)
+            tokens = torch.where(temps == 0, tokens, sampled)
 
         token_list = tokens.tolist()
         out_lp: list[tuple[float, list[int], list[float]] | None] = [None] * n

@@ -18,6 +18,7 @@ Any malformed file becomes a `ValueError` naming the path.
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 import struct
@@ -32,6 +33,8 @@ GGUF_MAGIC = b"GGUF"
 _HEADER_BYTES = 24  # magic, u32 version, u64 tensor count, u64 metadata count
 _MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8  # name length, n_dims, >=1 dim, type, offset
 _MIN_KV_BYTES = 8 + 4  # key length, value type
+_STRING, _ARRAY = 8, 9
+_SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,46 +69,125 @@ _LAYER_NAMES = {
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
-def _check_header(path: str) -> int:
-    """Validate the fixed header cheaply (GGUFReader would loop on absurd counts); returns the file size."""
+class _Cursor:
+    """Bounds-checked reads over the file: every overrun becomes a ValueError naming the path."""
+
+    def __init__(self, buf: memoryview, order: str, path: str) -> None:
+        self.buf, self.order, self.path, self.pos = buf, order, path, 0
+
+    def take(self, n: int, what: str) -> int:
+        start = self.pos
+        if n < 0 or start + n > len(self.buf):
+            raise ValueError(
+                f"{self.path} is truncated or corrupt: {what} at byte {start} needs {n} bytes, "
+                f"the file has {len(self.buf)}"
+            )
+        self.pos += n
+        return start
+
+    def unpack(self, fmt: str, what: str) -> Any:
+        start = self.take(struct.calcsize(self.order + fmt), what)
+        return struct.unpack_from(self.order + fmt, self.buf, start)[0]
+
+    def string(self, what: str) -> str:
+        n = self.unpack("Q", what)
+        start = self.take(n, what)
+        try:
+            return str(self.buf[start : start + n], "utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{self.path} is corrupt: {what} at byte {start} is not UTF-8") from e
+
+
+def _skip_value(cur: _Cursor, vtype: int, what: str, depth: int = 0) -> Any:
+    """Walk one metadata value; returns it only for scalars (strings and arrays are just skipped)."""
+    if vtype in _SCALAR_FORMATS:
+        return cur.unpack(_SCALAR_FORMATS[vtype], what)
+    if vtype == _STRING:
+        cur.take(cur.unpack("Q", what), what)
+        return None
+    if vtype == _ARRAY and depth < 2:
+        etype, count = cur.unpack("I", what), cur.unpack("Q", what)
+        if etype in _SCALAR_FORMATS:
+            cur.take(count * struct.calcsize("<" + _SCALAR_FORMATS[etype]), what)
+            return None
+        if count * 8 > len(cur.buf) - cur.pos:
+            cur.take(count * 8, what)  # raises: each element needs at least 8 bytes, and the loop stays bounded
+        for _ in range(count):
+            _skip_value(cur, etype, what, depth + 1)
+        return None
+    raise ValueError(f"{cur.path} is corrupt: {what} has unknown value type {vtype}")
+
+
+def _validate_gguf(path: str) -> None:
+    """Check the whole layout (header, metadata, tensor table, tensor extents) before GGUFReader sees it:
+    GGUFReader loops without end on absurd counts and fails on truncation with unrelated numpy errors."""
+    from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType
+
     if not os.path.isfile(path):
         raise ValueError(f"GGUF file {path} does not exist")
-    size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(_HEADER_BYTES)
-    if len(head) < _HEADER_BYTES:
-        raise ValueError(f"{path} is not a GGUF file: {size} bytes is shorter than the {_HEADER_BYTES}-byte header")
-    if head[:4] != GGUF_MAGIC:
-        raise ValueError(f"{path} is not a GGUF file: magic bytes are {head[:4]!r}, expected {GGUF_MAGIC!r}")
-    for order in "<>":  # GGUFReader also reads big-endian files
-        version, n_tensors, n_kv = struct.unpack(order + "IQQ", head[4:])
-        if version in (2, 3):
-            break
-    else:
-        raise ValueError(f"{path}: unsupported or corrupt GGUF version field {head[4:8]!r}")
-    if n_tensors * _MIN_TENSOR_INFO_BYTES + n_kv * _MIN_KV_BYTES > size:
-        raise ValueError(
-            f"{path} is corrupt or truncated: its header declares {n_tensors} tensors and {n_kv} metadata "
-            f"entries, which cannot fit in {size} bytes"
-        )
-    return size
+        if len(head) < _HEADER_BYTES:
+            raise ValueError(f"{path} is not a GGUF file: {len(head)} bytes is shorter than the GGUF header")
+        if head[:4] != GGUF_MAGIC:
+            raise ValueError(f"{path} is not a GGUF file: magic bytes are {head[:4]!r}, expected {GGUF_MAGIC!r}")
+        for order in "<>":  # GGUFReader also reads big-endian files
+            version, n_tensors, n_kv = struct.unpack(order + "IQQ", head[4:])
+            if version in (2, 3):
+                break
+        else:
+            raise ValueError(f"{path}: unsupported or corrupt GGUF version field {head[4:8]!r}")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            buf = memoryview(mapped)
+            try:
+                size = len(buf)
+                if n_tensors * _MIN_TENSOR_INFO_BYTES + n_kv * _MIN_KV_BYTES > size:
+                    raise ValueError(
+                        f"{path} is corrupt or truncated: its header declares {n_tensors} tensors and {n_kv} "
+                        f"metadata entries, which cannot fit in {size} bytes"
+                    )
+                cur = _Cursor(buf, order, path)
+                cur.take(_HEADER_BYTES, "header")
+                alignment = GGUF_DEFAULT_ALIGNMENT
+                for i in range(n_kv):
+                    key = cur.string(f"metadata key #{i}")
+                    value = _skip_value(cur, cur.unpack("I", f"type of {key}"), f"metadata value {key}")
+                    if key == "general.alignment" and isinstance(value, int) and value > 0:
+                        alignment = value
+                tensors = []
+                for i in range(n_tensors):
+                    name = cur.string(f"tensor name #{i}")
+                    n_dims = cur.unpack("I", f"dimension count of {name}")
+                    if not 1 <= n_dims <= 8:
+                        raise ValueError(f"{path} is corrupt: tensor {name} has {n_dims} dimensions")
+                    dims = [cur.unpack("Q", f"dimensions of {name}") for _ in range(n_dims)]
+                    ggml_type, offset = cur.unpack("I", f"type of {name}"), cur.unpack("Q", f"offset of {name}")
+                    tensors.append((name, dims, ggml_type, offset))
+                data_start = -(-cur.pos // alignment) * alignment
+            finally:
+                buf.release()
+    for name, dims, ggml_type, offset in tensors:
+        try:
+            block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+        except (ValueError, KeyError):
+            raise ValueError(f"{path}: tensor {name} has unknown ggml type {ggml_type}") from None
+        elements = int(np.prod(dims, dtype=object))
+        if elements % block:
+            raise ValueError(f"{path} is corrupt: tensor {name} has {elements} elements, not whole blocks of {block}")
+        end = data_start + offset + elements // block * block_bytes
+        if end > size:
+            raise ValueError(f"{path} is truncated: tensor {name} needs bytes up to {end}, the file has {size}")
 
 
 def _open_reader(path: str) -> Any:
-    """A GGUFReader whose every tensor lies inside the file, or a ValueError naming the problem."""
-    size = _check_header(path)
+    """A GGUFReader over a validated file, or a ValueError naming the problem."""
+    _validate_gguf(path)
     from gguf import GGUFReader
 
     try:
         reader = GGUFReader(path)
     except Exception as e:  # GGUFReader raises anything from struct/numpy on a corrupt file
-        raise ValueError(f"{path} is a corrupt or truncated GGUF file: {type(e).__name__}: {e}") from e
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size or t.data.nbytes != int(t.n_bytes):
-            raise ValueError(
-                f"{path} is truncated: tensor {t.name} needs bytes up to {end}, the file has {size}"
-            )
+        raise ValueError(f"{path} is a corrupt GGUF file: {type(e).__name__}: {e}") from e
     return reader
 
 
@@ -261,7 +343,7 @@ def iter_gguf_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
 
 def load_gguf_tokenizer(path: str) -> Any:
     """The GGUF's tokenizer as a Hugging Face fast tokenizer, with its chat template and bos/eos set."""
-    _check_header(path)
+    _validate_gguf(path)
     from transformers import AutoTokenizer
 
     directory, filename = os.path.split(os.path.abspath(path))

@@ -14,6 +14,7 @@ from distrt.layers.attention import AttentionMetadata
 from distrt.layers.sampler import Sampler, SamplerOutput, SamplerRow
 from distrt.models.model_loader import build_model
 from distrt.models.shard import ShardContext
+from distrt.worker.cuda_graph import DecodeGraphs
 from distrt.worker.request_state import RequestState
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0
+        self.graphs: DecodeGraphs | None = None
 
     # -- KV cache ---------------------------------------------------------------------------
     @property
@@ -88,6 +90,15 @@ class ModelRunner:
                           for _ in range(self.num_local_layers)]
         self.num_blocks = num_blocks
 
+    def capture_graphs(self) -> None:
+        """Decode CUDA graphs for batch sizes up to max_num_seqs (CUDA only, unless enforce_eager)."""
+        if self.device.type != "cuda" or self.config.enforce_eager:
+            return
+        max_blocks = -(-self.config.scheduler.max_model_len // self.config.cache.block_size)
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, self.config.scheduler.max_num_seqs, max_blocks,
+                                   self.device)
+        self.graphs.capture()
+
     # -- one step -----------------------------------------------------------------------------
     def prepare(self, states: list[RequestState], num_tokens: list[int]) -> BatchInputs:
         bs = self.config.cache.block_size
@@ -135,6 +146,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward_logits(self, inputs: BatchInputs) -> torch.Tensor:
+        g = self.graphs
+        if g is not None and inputs.meta.is_decode_only and g.padded_size(inputs.input_ids.shape[0]) is not None:
+            # one token per row; a row may be a 1-token prefill chunk that is not sampled
+            return g.run(inputs.input_ids, inputs.positions, inputs.meta)[inputs.sample_token_idx]
         hidden, _ = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
         return self.model.compute_logits(hidden[inputs.sample_token_idx])
 

@@ -32,6 +32,7 @@ class Worker:
 
     def init_kv_cache(self, num_blocks: int) -> None:
         self.runner.init_kv_cache(num_blocks)
+        self.runner.capture_graphs()
 
     def apply_plan(self, plan: StepPlan) -> tuple[list[RequestState], list[int]]:
         for rid in plan.finished_ids:

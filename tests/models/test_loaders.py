@@ -193,7 +193,7 @@ def write_tiny_gguf(
 def _tiny_model(arch: str, tie: bool) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    kwargs = dict(
+    kwargs: dict[str, Any] = dict(
         hidden_size=48,
         intermediate_size=80,
         num_hidden_layers=2,
@@ -470,9 +470,13 @@ def _save_tiny_llama(directory: str, max_shard_size: str | None = None, dtype: t
         eos_token_id=2,
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(dtype).eval()
-    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(directory, **kwargs)
+    model = LlamaForCausalLM(config)
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    if max_shard_size is None:
+        model.save_pretrained(directory)
+    else:
+        model.save_pretrained(directory, max_shard_size=max_shard_size)
     return model
 
 

@@ -2,7 +2,8 @@
 
     python benchmarks/kernels_gpu.py [--quick] [--tune] [--out PATH]
 
-Measures the HBM copy bandwidth (device-to-device copy, bytes read + written) and the bf16 GEMM rate
+Decode is timed as CUDA-graph replays (as the engine runs it; inputs rotated past L2), the rest with
+triton.testing.do_bench (L2 flushed between runs). Measures the HBM copy bandwidth (device-to-device copy, bytes read + written) and the bf16 GEMM rate
 (8192^3), then: decode attention achieved bandwidth (Llama-3-8B-like: 32 q heads, 8 kv heads,
 head_dim 128, block_size 16) over batch x context, prefill attention against torch SDPA, and the
 bandwidth fractions of RMSNorm, fused add + RMSNorm, RoPE, SiLU-and-mul and the KV-cache write.
@@ -79,6 +80,29 @@ def measure_gemm_tflops(quick: bool) -> float:
     return 2 * n ** 3 / (ms * 1e-3) / 1e12
 
 
+def graph_ms(fns: list[Callable[[], Any]], reps: int = 20) -> float:
+    """Milliseconds per call of fns, all captured in one CUDA graph and replayed: no launch gaps (as the
+    engine runs decode), and fns over different buffers keep the data from staying in L2."""
+    for fn in fns:  # compile outside the capture
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    del graph
+    return sorted(times)[len(times) // 2] / len(fns)
+
+
 def make_paged_kv(batch: int, context: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Caches holding exactly batch*context tokens, block tables scrambled over the whole pool."""
     blocks_per_seq = math.ceil(context / BLOCK_SIZE)
@@ -90,29 +114,50 @@ def make_paged_kv(batch: int, context: int, gen: torch.Generator) -> tuple[torch
     return k_cache, v_cache, block_tables
 
 
-def bench_decode(batches: list[int], contexts: list[int], copy_gbps: float, quick: bool) -> list[dict[str, Any]]:
+class DecodeCase:
+    """Decode inputs for one (batch, context), replicated until they exceed 4x the L2 cache."""
+
+    def __init__(self, batch: int, context: int, gen: torch.Generator) -> None:
+        self.batch, self.context = batch, context
+        self.kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
+        l2 = torch.cuda.get_device_properties(0).L2_cache_size
+        copies = min(64, max(1, math.ceil(4 * l2 / self.kv_bytes)))
+        self.sets = []
+        for _ in range(copies):
+            k_cache, v_cache, block_tables = make_paged_kv(batch, context, gen)
+            q = torch.randn(batch, NUM_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
+            self.sets.append((q, k_cache, v_cache, block_tables, torch.empty_like(q)))
+        self.seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+        self.bytes = self.kv_bytes + 2 * batch * NUM_HEADS * HEAD_DIM * DTYPE.itemsize
+
+    @staticmethod
+    def fits(batch: int, context: int) -> bool:
+        kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
+        return kv_bytes * 1.2 + (1 << 30) < torch.cuda.mem_get_info()[0]
+
+    def run(self, copy_gbps: float) -> dict[str, Any]:
+        fns = [lambda s=s: pa.paged_attention_decode(s[0], s[1], s[2], self.seq_lens, s[3], HEAD_DIM ** -0.5,
+                                                     out=s[4]) for s in self.sets]
+        ms = graph_ms(fns)
+        eager_ms = bench_ms(fns[0], quick=True)
+        splits = pa.decode_num_splits(self.batch, NUM_KV_HEADS, self.sets[0][3].shape[1] * BLOCK_SIZE,
+                                      self.seq_lens.device, pa.decode_config(HEAD_DIM, DTYPE, self.seq_lens.device)[0])
+        gbps = self.bytes / (ms * 1e-3) / GB
+        return dict(batch=self.batch, context=self.context, num_splits=splits, ms=ms, eager_ms=eager_ms,
+                    gbps=gbps, hbm_fraction=gbps / copy_gbps)
+
+
+def bench_decode(batches: list[int], contexts: list[int], copy_gbps: float) -> list[dict[str, Any]]:
     gen = torch.Generator().manual_seed(0)
     rows = []
     for context in contexts:
         for batch in batches:
-            kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
-            free, _ = torch.cuda.mem_get_info()
-            if kv_bytes * 1.1 > free:
+            if not DecodeCase.fits(batch, context):
                 rows.append(dict(batch=batch, context=context, skipped="does not fit in GPU memory"))
                 continue
-            k_cache, v_cache, block_tables = make_paged_kv(batch, context, gen)
-            seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
-            q = torch.randn(batch, NUM_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
-            out = torch.empty_like(q)
-            splits = pa.decode_num_splits(batch, NUM_KV_HEADS, block_tables.shape[1] * BLOCK_SIZE, q.device,
-                                          pa.decode_config(HEAD_DIM, DTYPE, q.device)[0])
-            ms = bench_ms(lambda: pa.paged_attention_decode(q, k_cache, v_cache, seq_lens, block_tables,
-                                                            HEAD_DIM ** -0.5, out=out), quick)
-            total = kv_bytes + 2 * q.numel() * q.element_size()
-            gbps = total / (ms * 1e-3) / GB
-            rows.append(dict(batch=batch, context=context, num_splits=splits, ms=ms, gbps=gbps,
-                             hbm_fraction=gbps / copy_gbps))
-            del k_cache, v_cache, block_tables
+            case = DecodeCase(batch, context, gen)
+            rows.append(case.run(copy_gbps))
+            del case
             torch.cuda.empty_cache()
     return rows
 
@@ -174,38 +219,47 @@ def bench_elementwise(copy_gbps: float, quick: bool) -> dict[str, dict[str, floa
     return res
 
 
-def tune(copy_gbps: float, quick: bool) -> dict[str, Any]:
+def tune(copy_gbps: float) -> dict[str, Any]:
     """Sweep launch configs of the attention kernels; the defaults in paged_attention.py come from here."""
-    results: dict[str, Any] = {"decode": [], "prefill": []}
-    orig_decode, orig_prefill = pa.decode_config, pa.prefill_config
+    results: dict[str, Any] = {"decode_shapes": [[16, 4096], [64, 4096], [16, 16384], [1, 16384]],
+                               "decode": [], "prefill": []}
+    gen = torch.Generator().manual_seed(2)
+    cases = [DecodeCase(b, c, gen) for b, c in results["decode_shapes"]]
+    orig = pa.decode_config, pa.prefill_config, pa.DECODE_PROGRAMS_PER_SM
     try:
         for block_n in (32, 64, 128):
             for warps in (2, 4, 8):
-                for stages in (2, 3, 4):
-                    pa.decode_config = lambda *_a, c=(block_n, warps, stages): c
-                    try:
-                        rows = bench_decode([16, 64], [4096], copy_gbps, quick=True)
-                    except Exception as e:  # out of shared memory etc.: record and go on
-                        results["decode"].append(dict(config=[block_n, warps, stages], error=repr(e)[:200]))
-                        continue
-                    results["decode"].append(dict(config=[block_n, warps, stages],
-                                                  fractions=[r["hbm_fraction"] for r in rows]))
-        pa.decode_config = orig_decode
-        for block_m, block_n in ((64, 64), (128, 64), (128, 128), (64, 32)):
-            for warps in (4, 8):
-                for stages in (2, 3, 4):
-                    pa.prefill_config = lambda *_a, c=(block_m, block_n, warps, stages): c
-                    try:
-                        r = bench_prefill(4, 2048, quick=True)
-                    except Exception as e:
-                        results["prefill"].append(dict(config=[block_m, block_n, warps, stages], error=repr(e)[:200]))
-                        continue
-                    results["prefill"].append(dict(config=[block_m, block_n, warps, stages], tflops=r["tflops"]))
+                for stages in (2, 3):
+                    for per_sm in (4, 8, 16):
+                        pa.decode_config = lambda *_a, c=(block_n, warps, stages): c
+                        pa.DECODE_PROGRAMS_PER_SM = per_sm
+                        cfg = [block_n, warps, stages, per_sm]
+                        try:
+                            fr = [case.run(copy_gbps)["hbm_fraction"] for case in cases]
+                        except Exception as e:  # out of shared memory etc.: record and go on
+                            results["decode"].append(dict(config=cfg, error=repr(e)[:200]))
+                            continue
+                        results["decode"].append(dict(config=cfg, fractions=fr))
+        pa.decode_config, _, pa.DECODE_PROGRAMS_PER_SM = orig
+        del cases
+        torch.cuda.empty_cache()
+        for block_m in (64, 128):
+            for block_n in (32, 64, 128):
+                for warps in (4, 8):
+                    for stages in (2, 3, 4):
+                        cfg = [block_m, block_n, warps, stages]
+                        pa.prefill_config = lambda *_a, c=tuple(cfg): c
+                        try:
+                            r = bench_prefill(4, 2048, quick=True)
+                        except Exception as e:
+                            results["prefill"].append(dict(config=cfg, error=repr(e)[:200]))
+                            continue
+                        results["prefill"].append(dict(config=cfg, tflops=r["tflops"]))
     finally:
-        pa.decode_config, pa.prefill_config = orig_decode, orig_prefill
+        pa.decode_config, pa.prefill_config, pa.DECODE_PROGRAMS_PER_SM = orig
     ok_dec = [r for r in results["decode"] if "fractions" in r]
     ok_pre = [r for r in results["prefill"] if "tflops" in r]
-    results["best_decode"] = max(ok_dec, key=lambda r: min(r["fractions"]), default=None)
+    results["best_decode"] = max(ok_dec, key=lambda r: min(r["fractions"][:3]), default=None)
     results["best_prefill"] = max(ok_pre, key=lambda r: r["tflops"], default=None)
     return results
 
@@ -224,7 +278,7 @@ def main() -> None:
     gemm_tflops = measure_gemm_tflops(args.quick)
     batches = [1, 16, 64] if args.quick else [1, 16, 64, 256]
     contexts = [512, 4096] if args.quick else [512, 4096, 16384, 32768]
-    decode = bench_decode(batches, contexts, copy_gbps, args.quick)
+    decode = bench_decode(batches, contexts, copy_gbps)
     prefill = bench_prefill(4, 2048, args.quick)
     elementwise = bench_elementwise(copy_gbps, args.quick)
     big = [r["hbm_fraction"] for r in decode if "hbm_fraction" in r and r["context"] >= 4096 and r["batch"] >= 16]
@@ -244,7 +298,7 @@ def main() -> None:
                                               block_size=BLOCK_SIZE, dtype=str(DTYPE)),
                                "versions": dict(torch=torch.__version__, triton=__import__("triton").__version__)}
     if args.tune:
-        details["tune"] = tune(copy_gbps, args.quick)
+        details["tune"] = tune(copy_gbps)
     result = {
         "device": name,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -258,12 +312,12 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=2) + "\n")
 
     print(f"\n{name}  copy {copy_gbps:.0f} GB/s  bf16 GEMM {gemm_tflops:.0f} TFLOP/s")
-    print(f"{'decode batch':>12} {'context':>8} {'splits':>6} {'us':>9} {'GB/s':>7} {'frac':>6}")
+    print(f"{'decode batch':>12} {'context':>8} {'splits':>6} {'us':>9} {'eager us':>9} {'GB/s':>7} {'frac':>6}")
     for r in decode:
         if "skipped" in r:
             print(f"{r['batch']:>12} {r['context']:>8}  skipped: {r['skipped']}")
         else:
-            print(f"{r['batch']:>12} {r['context']:>8} {r['num_splits']:>6} {r['ms'] * 1e3:>9.1f} "
+            print(f"{r['batch']:>12} {r['context']:>8} {r['num_splits']:>6} {r['ms'] * 1e3:>9.1f} {r['eager_ms'] * 1e3:>9.1f} "
                   f"{r['gbps']:>7.0f} {r['hbm_fraction']:>6.2f}")
     print(f"prefill {prefill['num_seqs']}x{prefill['seq_len']}: {prefill['tflops']:.0f} TFLOP/s, "
           f"SDPA {prefill['sdpa_tflops']:.0f} TFLOP/s, ratio {prefill['vs_sdpa']:.2f}")

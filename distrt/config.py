@@ -111,6 +111,8 @@ class ParallelConfig:
     pipeline_parallel_size: int = 1
     expert_parallel_size: int = 1
     executor: str = "local"
+    step_timeout_s: float = 300.0  # the step watchdog: a step (or hung collective) past this kills the engine
+    init_timeout_s: float = 900.0
 
     def __post_init__(self) -> None:
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size"):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 from distrt.config import EngineConfig
 from distrt.executor.base import Executor
 
@@ -17,17 +15,25 @@ def resolve_executor_name(name: str, world_size: int) -> str:
         return name
     if world_size == 1:
         return "local"
-    under_mpi = any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS"))
-    return "mpi" if under_mpi else "ray"
+    from distrt.executor.mpi_executor import under_mpi_launcher
+
+    return "mpi" if under_mpi_launcher() else "ray"
 
 
 def create_executor(config: EngineConfig) -> Executor:
     name = config.parallel.executor
+    if config.parallel.pipeline_parallel_size > 1:
+        raise ValueError("pipeline_parallel_size > 1 is not yet supported in this build")
     if name == "local":
         from distrt.executor.local import LocalExecutor
 
         return LocalExecutor(config)
-    raise ValueError(
-        f"executor {name!r} with tensor_parallel_size={config.parallel.tensor_parallel_size}, "
-        f"pipeline_parallel_size={config.parallel.pipeline_parallel_size} is not yet supported in this build"
-    )
+    if name == "ray":
+        from distrt.executor.ray_executor import RayExecutor
+
+        return RayExecutor(config)
+    if name == "mpi":
+        from distrt.executor.mpi_executor import MpiExecutor
+
+        return MpiExecutor(config)
+    raise ValueError(f"unknown executor {name!r}")

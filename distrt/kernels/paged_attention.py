@@ -122,7 +122,8 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, qsl_ptr, seq_lens_
     # One program: BLOCK_Q queries of one sequence x the GROUP query heads of one kv head, packed
     # as BLOCK_M rows (row r = query r // GROUP, head r % GROUP), so K/V tiles are loaded once per group.
     b = tl.program_id(0)
-    q_start = tl.program_id(1) * BLOCK_Q
+    # last query tiles have the most causal work: launch them first to shorten the tail
+    q_start = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_Q
     kv_head = tl.program_id(2)
     q_begin = tl.load(qsl_ptr + b)
     q_len = tl.load(qsl_ptr + b + 1) - q_begin
@@ -350,15 +351,21 @@ def _num_sms(device: torch.device) -> int:
     return _SM_COUNT[index]
 
 
+# Split policy of the decode kernel (benchmarks/kernels_gpu.py --tune sweeps it).
+DECODE_PROGRAMS_PER_SM = 4
+DECODE_MIN_TILES_PER_SPLIT = 4
+
+
 def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device,
                       block_n: int = 64) -> int:
-    """Split the context so that about 2 waves of programs cover the GPU, but keep >= 4 tiles per split.
-    Depends only on shapes (block-table width, not seq_lens values): stable under CUDA graphs."""
+    """Enough (batch, kv_head, split) programs to give each SM DECODE_PROGRAMS_PER_SM of them, but at least
+    DECODE_MIN_TILES_PER_SPLIT key tiles per split. Depends on shapes only (block-table width, not the
+    seq_lens values), so it is fixed for a captured CUDA graph."""
     programs = batch * num_kv_heads
-    target = 2 * _num_sms(device) * 2
+    target = DECODE_PROGRAMS_PER_SM * _num_sms(device)
     splits = -(-target // programs)
-    max_useful = max(1, max_context // (4 * block_n))
-    return max(1, min(splits, max_useful, 64))
+    max_useful = max(1, max_context // (DECODE_MIN_TILES_PER_SPLIT * block_n))
+    return max(1, min(splits, max_useful, 128))
 
 
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,

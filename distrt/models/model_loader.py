@@ -42,4 +42,4 @@ def _weights(cfg: ModelConfig, model: nn.Module):  # type: ignore[no-untyped-def
         return ((n, t) for n, t in iter_gguf_weights(cfg.path) if wanted is None or wanted(n))
     from distrt.models.loader import iter_safetensors_lazy
 
-    return ((n, t) for n, t in iter_safetensors_lazy(cfg.path) if wanted is None or wanted(n))
+    return iter_safetensors_lazy(cfg.path, names_filter=wanted)

@@ -17,6 +17,7 @@ class ShardContext:
     pp_rank: int = 0
     pp_size: int = 1
     tp_comm: Any = None  # distrt.parallel.comm.Communicator when tp_size > 1
+    pp_comm: Any = None  # when pp_size > 1
     layer_split: tuple[int, ...] | None = None  # layers per stage; None = even
 
     @property

@@ -16,14 +16,14 @@ from distrt.worker.request_state import RequestState
 
 class Worker:
     def __init__(self, config: EngineConfig, *, tp_rank: int = 0, tp_size: int = 1, pp_rank: int = 0,
-                 pp_size: int = 1, tp_comm: Any = None, device: str | None = None) -> None:
+                 pp_size: int = 1, tp_comm: Any = None, pp_comm: Any = None, device: str | None = None) -> None:
         self.config = config
         dev = torch.device(device or config.device.device)
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         torch.manual_seed(config.seed)
         self.ctx = ShardContext(dtype=resolve_dtype(config.model.dtype), device=dev, tp_rank=tp_rank, tp_size=tp_size,
-                                pp_rank=pp_rank, pp_size=pp_size, tp_comm=tp_comm)
+                                pp_rank=pp_rank, pp_size=pp_size, tp_comm=tp_comm, pp_comm=pp_comm)
         self.runner = ModelRunner(config, self.ctx)
         self.states: dict[RequestId, RequestState] = {}
 

@@ -1,0 +1,164 @@
+"""Workers as Ray actors (one GPU each, or one CPU each), placed by a placement group.
+
+The per-step channel is a Ray compiled graph (plan in, results out, shared-memory / NCCL channels
+set up once), which costs ~0.1 ms per step instead of ~1 ms for plain actor calls; `channel="actor"`
+keeps plain calls (for comparison). Every wait carries the step watchdog's timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from distrt.config import EngineConfig
+from distrt.executor.base import EngineDeadError, Executor
+from distrt.executor.worker_host import WorkerHost, output_rank
+from distrt.messages import StepPlan, StepResult
+
+logger = logging.getLogger(__name__)
+
+
+class RayExecutor(Executor):
+    def __init__(self, config: EngineConfig, *, address: str | None = None, placement_strategy: str = "PACK",
+                 channel: str = "compiled", step_timeout_s: float | None = None) -> None:
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.config = config
+        self.world = config.parallel.world_size
+        self.timeout = step_timeout_s if step_timeout_s is not None else config.parallel.step_timeout_s
+        self._started_ray = False
+        if not ray.is_initialized():
+            ray.init(address=address, include_dashboard=False, log_to_driver=True,
+                     **({} if address else {"num_cpus": max(self.world + 1, 2)}))
+            self._started_ray = address is None
+        gpu = config.device.is_cuda
+        bundle = {"GPU": 1, "CPU": 1} if gpu else {"CPU": 1}
+        self.pg = placement_group([bundle] * self.world, strategy=placement_strategy)
+        try:
+            ray.get(self.pg.ready(), timeout=60)
+        except Exception as e:
+            ray.util.remove_placement_group(self.pg)
+            raise RuntimeError(f"Ray could not place {self.world} workers ({bundle} each, {placement_strategy}): "
+                               f"{e}; available: {ray.available_resources()}") from e
+        actor_cls = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0)(WorkerHost)
+        self.workers = [
+            actor_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=self.pg, placement_group_bundle_index=i), max_concurrency=2).remote(config, i)
+            for i in range(self.world)
+        ]
+        self._dag: Any = None
+        self._dead: BaseException | None = None
+        try:
+            self._init_comm(ray, gpu)
+            if channel == "compiled":
+                self._compile(ray)
+        except BaseException:
+            self.shutdown()
+            raise
+        self._out = output_rank(config)
+
+    def _init_comm(self, ray: Any, gpu: bool) -> None:
+        if gpu:
+            uid = ray.get(self.workers[0].nccl_unique_id.remote())
+            refs = [w.init_comm.remote("nccl", unique_id=uid) for w in self.workers]
+        else:
+            host, port = ray.get(self.workers[0].address.remote())
+            refs = [w.init_comm.remote("gloo", init_method=f"tcp://{host}:{port}") for w in self.workers]
+        ray.get(refs, timeout=self.config.parallel.init_timeout_s)
+
+    def _compile(self, ray: Any) -> None:
+        from ray.dag import InputNode, MultiOutputNode
+
+        with InputNode() as plan:
+            dag = MultiOutputNode([w.execute.bind(plan) for w in self.workers])
+        self._dag = dag.experimental_compile()
+
+    def _all(self, method: str, *args: Any) -> list[Any]:
+        import ray
+
+        return ray.get([getattr(w, method).remote(*args) for w in self.workers], timeout=self.config.parallel.init_timeout_s)
+
+    # -- Executor ------------------------------------------------------------------------------
+    def determine_num_blocks(self) -> int:
+        return min(self._all("determine_num_blocks"))
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        self._all("init_kv_cache", num_blocks)
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        import ray
+
+        if self._dead is not None:
+            raise EngineDeadError(f"a worker failed earlier: {self._dead}")
+        try:
+            if self._dag is not None:
+                results = ray.get(self._dag.execute(plan), timeout=self.timeout)
+            else:
+                results = ray.get([w.execute.remote(plan) for w in self.workers], timeout=self.timeout)
+        except BaseException as e:
+            self._dead = e
+            kind = "timed out (a collective or a worker hung)" if "imeout" in type(e).__name__ else "failed"
+            self._kill_workers()
+            raise EngineDeadError(f"step {plan.step_id} {kind} after up to {self.timeout:.0f}s: "
+                                  f"{type(e).__name__}: {e}") from e
+        result = results[self._out]
+        assert result is not None
+        return result
+
+    def inject_fault(self, rank: int, kind: str, at_step: int = 1) -> None:
+        import ray
+
+        ray.get(self.workers[rank].inject_fault.remote(kind, at_step))
+
+    def worker_pids(self) -> list[int]:
+        return self._all("pid")
+
+    def worker_nodes(self) -> list[str]:
+        import ray
+
+        return ray.get([w.__ray_call__.remote(lambda self: __import__("ray").get_runtime_context().get_node_id())
+                        for w in self.workers])
+
+    def _kill_workers(self) -> None:
+        import ray
+
+        if self._dag is not None:
+            try:
+                self._dag.teardown(kill_actors=True)
+            except Exception:  # teardown after a failure may itself fail; the kills below finish the job
+                pass
+            self._dag = None
+        for w in self.workers:
+            try:
+                ray.kill(w)
+            except Exception:
+                pass
+
+    def shutdown(self) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            return
+        if self._dead is None and getattr(self, "workers", None):
+            if self._dag is not None:
+                try:
+                    self._dag.teardown()
+                except Exception:
+                    pass
+                self._dag = None
+            try:
+                ray.get([w.shutdown.remote() for w in self.workers], timeout=30)
+            except Exception as e:
+                logger.warning("worker shutdown: %s", e)
+        self._kill_workers()
+        self.workers = []
+        try:
+            ray.util.remove_placement_group(self.pg)
+        except Exception:
+            pass
+        if self._started_ray:
+            ray.shutdown()
+            self._started_ray = False

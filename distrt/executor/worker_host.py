@@ -1,0 +1,143 @@
+"""A worker in its own process (a Ray actor or an MPI rank): builds the world communicator, its
+TP/PP sub-communicators and its model shard, then executes StepPlans.
+
+Every rank samples the same tokens (logits are all-gathered, sampling is a pure function of them
+and the seed), so each keeps its own request state; only the output rank's result goes back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import torch
+
+from distrt.config import EngineConfig
+from distrt.messages import StepPlan, StepResult
+from distrt.parallel.comm import Communicator
+from distrt.parallel.state import ParallelLayout
+
+logger = logging.getLogger(__name__)
+
+
+def layout_of(config: EngineConfig) -> ParallelLayout:
+    p = config.parallel
+    return ParallelLayout(tp_size=p.tensor_parallel_size, pp_size=p.pipeline_parallel_size,
+                          ep_size=p.expert_parallel_size)
+
+
+def output_rank(config: EngineConfig) -> int:
+    """The rank whose StepResult the coordinator reads: TP rank 0 of the last pipeline stage."""
+    layout = layout_of(config)
+    return layout.global_rank(layout.pp_size - 1, 0)
+
+
+def local_device(config: EngineConfig, local_rank: int) -> str:
+    if not config.device.is_cuda:
+        return "cpu"
+    n = torch.cuda.device_count()
+    if n == 0:
+        raise RuntimeError("device='cuda' but this worker sees no GPU")
+    return f"cuda:{local_rank % n}"
+
+
+class WorkerHost:
+    def __init__(self, config: EngineConfig, rank: int) -> None:
+        self.config = config
+        self.rank = rank
+        self.world_size = config.parallel.world_size
+        self.comm: Communicator | None = None
+        self.worker: Any = None
+        self._fault: tuple[str, int] | None = None
+        self._steps = 0
+
+    # -- bootstrap (each call is collective across ranks where noted) -------------------------
+    def address(self) -> tuple[str, int]:
+        from distrt.parallel.comm_torch_dist import find_free_port
+
+        import socket
+
+        host = socket.gethostbyname(socket.gethostname())
+        return host, find_free_port("0.0.0.0")
+
+    def nccl_unique_id(self) -> bytes:
+        from distrt.parallel.comm_nccl import nccl_unique_id
+
+        return nccl_unique_id()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def node(self) -> str:
+        import socket
+
+        return socket.gethostname()
+
+    def init_comm(self, backend: str, *, init_method: str | None = None, unique_id: bytes | None = None,
+                  local_rank: int = 0, comm: Communicator | None = None) -> None:
+        """Collective: creates the world communicator (or adopts `comm`), then the model shard."""
+        device = local_device(self.config, local_rank)
+        if device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(device))
+        if comm is None:
+            from distrt.parallel.comm_factory import create_communicator
+
+            comm = create_communicator(backend, rank=self.rank, world_size=self.world_size,  # type: ignore[arg-type]
+                                       init_method=init_method, unique_id=unique_id, device=device)
+        self.comm = comm
+        self._build_worker(device)
+
+    def _build_worker(self, device: str) -> None:
+        from distrt.worker.worker import Worker
+
+        layout = layout_of(self.config)
+        state = layout.state(self.rank)
+        assert self.comm is not None
+        tp_comm = self.comm.split(layout.tp_groups()) if layout.tp_size > 1 else None
+        pp_comm = self.comm.split(layout.pp_groups()) if layout.pp_size > 1 else None
+        self.worker = Worker(self.config, tp_rank=state.tp.rank, tp_size=state.tp.size, pp_rank=state.pp.rank,
+                             pp_size=state.pp.size, tp_comm=tp_comm, pp_comm=pp_comm, device=device)
+
+    # -- engine-facing ---------------------------------------------------------------------------
+    def determine_num_blocks(self) -> int:
+        return int(self.worker.determine_num_blocks())
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        self.worker.init_kv_cache(num_blocks)
+
+    def execute(self, plan: StepPlan) -> StepResult | None:
+        self._steps += 1
+        if self._fault is not None and self._steps >= self._fault[1]:
+            kind = self._fault[0]
+            if kind == "hang":  # a peer that never joins the next collective
+                threading.Event().wait()
+            if kind == "raise":
+                raise RuntimeError(f"injected fault on rank {self.rank} at step {self._steps}")
+            if kind == "exit":
+                os._exit(17)
+        result = self.worker.execute(plan)
+        return result if self.rank == output_rank(self.config) else None
+
+    def inject_fault(self, kind: str, at_step: int) -> None:
+        """Test hook: from step `at_step` on, hang / raise / exit instead of executing."""
+        if kind not in ("hang", "raise", "exit"):
+            raise ValueError(f"fault kind must be hang, raise or exit, got {kind!r}")
+        self._fault = (kind, self._steps + at_step)
+
+    def inject_fault_on(self, rank: int, kind: str, at_step: int) -> None:
+        if rank == self.rank:
+            self.inject_fault(kind, at_step)
+
+    def ping(self) -> float:
+        return time.time()
+
+    def shutdown(self) -> None:
+        if self.worker is not None:
+            self.worker.shutdown()
+            self.worker = None
+        if self.comm is not None:
+            self.comm.destroy()
+            self.comm = None

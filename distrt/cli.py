@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from distrt.executor.mpi_executor import is_launched_worker_rank, launched_worker_main
+
+    if is_launched_worker_rank():  # under mpirun/srun, ranks 1..N-1 serve rank 0's engine
+        launched_worker_main()
+        return 0
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

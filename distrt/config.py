@@ -68,6 +68,16 @@ class ModelConfig:
             hf_config=dict(cfg),
         )
 
+    def check_tensor_parallel(self, tp: int) -> None:
+        """The splits the TP layers need, checked on the coordinator before any worker starts."""
+        if self.num_heads % tp:
+            raise ValueError(f"num_attention_heads ({self.num_heads}) is not divisible by tensor_parallel_size ({tp})")
+        kv = self.num_kv_heads
+        if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
+            raise ValueError(f"num_key_value_heads ({kv}) and tensor_parallel_size ({tp}) must divide one another")
+        if self.intermediate_size % tp:
+            raise ValueError(f"intermediate_size ({self.intermediate_size}) is not divisible by tensor_parallel_size ({tp})")
+
     @property
     def checkpoint_dtype(self) -> str | None:
         d = self.hf_config.get("torch_dtype") or self.hf_config.get("dtype")

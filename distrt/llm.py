@@ -84,6 +84,7 @@ class LLM:
         executor: str = "auto",
         enforce_eager: bool = False,
         cluster: Any = None,
+        step_timeout_s: float = 300.0,
     ) -> None:
         from distrt.executor.factory import create_executor, resolve_executor_name
 
@@ -97,8 +98,10 @@ class LLM:
             max_model_len = limit
         elif not isinstance(max_model_len, int) or not 1 < max_model_len <= limit:
             raise ValueError(f"max_model_len must be an integer in [2, {limit}] for this model, got {max_model_len!r}")
+        mcfg.check_tensor_parallel(tensor_parallel_size)
         parallel = ParallelConfig(tensor_parallel_size, pipeline_parallel_size, expert_parallel_size,
-                                  resolve_executor_name(executor, tensor_parallel_size * pipeline_parallel_size))
+                                  resolve_executor_name(executor, tensor_parallel_size * pipeline_parallel_size),
+                                  step_timeout_s=step_timeout_s)
         sched = SchedulerConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                                 max_num_batched_tokens=max_num_batched_tokens or (2048 if enable_chunked_prefill else max_model_len),
                                 enable_chunked_prefill=enable_chunked_prefill)

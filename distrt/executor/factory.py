@@ -11,12 +11,19 @@ EXECUTORS = ("auto", "local", "ray", "mpi")
 def resolve_executor_name(name: str, world_size: int) -> str:
     if name not in EXECUTORS:
         raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {name!r}")
+    from distrt.executor.mpi_executor import under_mpi_launcher
+
+    if under_mpi_launcher():
+        from mpi4py import MPI
+
+        ranks = MPI.COMM_WORLD.Get_size()
+        if ranks > 1 and ranks != world_size:
+            raise ValueError(f"mpirun/srun started {ranks} ranks but tensor_parallel_size x "
+                             f"pipeline_parallel_size = {world_size}; start one rank per worker")
     if name != "auto":
         return name
     if world_size == 1:
         return "local"
-    from distrt.executor.mpi_executor import under_mpi_launcher
-
     return "mpi" if under_mpi_launcher() else "ray"
 
 

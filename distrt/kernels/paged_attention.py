@@ -26,7 +26,7 @@ from distrt.kernels._lazy_triton import jit_kernels
 # Bound on first launch by _jit() (see _lazy_triton: importing triton here would fix its mode too early).
 triton: Any = None
 tl: Any = None
-_KERNELS = ('_load_kv_tile', '_prefill_kernel', '_decode_kernel', '_decode_reduce_kernel')
+_KERNELS = ('_kv_tile_offsets', '_prefill_kernel', '_decode_kernel', '_decode_reduce_kernel')
 
 
 def _jit() -> None:
@@ -106,12 +106,11 @@ _LOG2E = 1.4426950408889634
 
 
 # triton.jit, applied by _jit()
-def _load_kv_tile(cache_ptr, bt_row_ptr, pos, mask, kv_head, d, d_mask,
-                  stride_cb, stride_co, stride_ch, BLOCK_SIZE: tl.constexpr):
-    """Gather [BLOCK_N, BLOCK_D] rows of one kv head at logical positions `pos` via the block table."""
+def _kv_tile_offsets(bt_row_ptr, pos, mask, kv_head, d, stride_cb, stride_co, stride_ch, BLOCK_SIZE: tl.constexpr):
+    """[BLOCK_N, BLOCK_D] cache offsets of one kv head at logical positions `pos`, via the block table
+    (shared by the K and V loads)."""
     blk = tl.load(bt_row_ptr + pos // BLOCK_SIZE, mask=mask, other=0).to(tl.int64)
-    offs = blk[:, None] * stride_cb + (pos % BLOCK_SIZE)[:, None] * stride_co + kv_head * stride_ch + d[None, :]
-    return tl.load(cache_ptr + offs, mask=mask[:, None] & d_mask[None, :], other=0.0)
+    return blk[:, None] * stride_cb + (pos % BLOCK_SIZE)[:, None] * stride_co + kv_head * stride_ch + d[None, :]
 
 # triton.jit, applied by _jit()
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, scale_log2e,
@@ -153,30 +152,30 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, qsl_ptr, seq_lens_
     for start in range(0, full_end, BLOCK_N):
         pos = start + n
         all_k = pos >= 0
-        k = _load_kv_tile(k_cache_ptr, bt_row, pos, all_k, kv_head, d, d_mask,
-                          stride_cb, stride_co, stride_ch, BLOCK_SIZE)
+        offs = _kv_tile_offsets(bt_row, pos, all_k, kv_head, d, stride_cb, stride_co, stride_ch, BLOCK_SIZE)
+        kv_mask = all_k[:, None] & d_mask[None, :]
+        k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_kv_tile(v_cache_ptr, bt_row, pos, all_k, kv_head, d, d_mask,
-                          stride_cb, stride_co, stride_ch, BLOCK_SIZE)
+        v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     for start in range(full_end, last_pos + 1, BLOCK_N):
         pos = start + n
         in_ctx = pos <= last_pos
-        k = _load_kv_tile(k_cache_ptr, bt_row, pos, in_ctx, kv_head, d, d_mask,
-                          stride_cb, stride_co, stride_ch, BLOCK_SIZE)
+        offs = _kv_tile_offsets(bt_row, pos, in_ctx, kv_head, d, stride_cb, stride_co, stride_ch, BLOCK_SIZE)
+        kv_mask = in_ctx[:, None] & d_mask[None, :]
+        k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
         s = tl.where(pos[None, :] <= q_pos[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_kv_tile(v_cache_ptr, bt_row, pos, in_ctx, kv_head, d, d_mask,
-                          stride_cb, stride_co, stride_ch, BLOCK_SIZE)
+        v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -217,10 +216,10 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_
     for tile in range(start, end, BLOCK_N):
         pos = tile + n
         valid = pos < end
-        k = _load_kv_tile(k_cache_ptr, bt_row, pos, valid, kv_head, d, d_mask,
-                          stride_cb, stride_co, stride_ch, BLOCK_SIZE)
-        v = _load_kv_tile(v_cache_ptr, bt_row, pos, valid, kv_head, d, d_mask,
-                          stride_cb, stride_co, stride_ch, BLOCK_SIZE)
+        offs = _kv_tile_offsets(bt_row, pos, valid, kv_head, d, stride_cb, stride_co, stride_ch, BLOCK_SIZE)
+        kv_mask = valid[:, None] & d_mask[None, :]
+        k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -330,7 +329,7 @@ def decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> tu
     """(BLOCK_N, num_warps, num_stages) of the decode kernel; benchmarks/kernels_gpu.py --tune sweeps these."""
     if device.type != "cuda":
         return 16, 4, 1  # interpreter: small tiles keep the simulated work low
-    return 64, 4, 3
+    return 64, 2, 3  # H200 sweep: 0.87-1.0 of copy bandwidth at batch 16-64, context 4k-16k
 
 
 def prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int]:
@@ -339,7 +338,7 @@ def prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> t
         return 16, 16, 4, 1
     if dtype == torch.float32:
         return 64, 32, 4, 2
-    return 128, 64, 8, 3
+    return 128, 32, 8, 2  # H200 sweep, 4 x 2048 causal, head_dim 128
 
 
 def _num_sms(device: torch.device) -> int:

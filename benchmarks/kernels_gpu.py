@@ -2,13 +2,15 @@
 
     python benchmarks/kernels_gpu.py [--quick] [--tune] [--out PATH]
 
-Decode is timed as CUDA-graph replays (as the engine runs it; inputs rotated past L2), the rest with
-triton.testing.do_bench (L2 flushed between runs). Measures the HBM copy bandwidth (device-to-device copy, bytes read + written) and the bf16 GEMM rate
+Measures the HBM copy bandwidth (device-to-device copy, bytes read + written) and the bf16 GEMM rate
 (8192^3), then: decode attention achieved bandwidth (Llama-3-8B-like: 32 q heads, 8 kv heads,
 head_dim 128, block_size 16) over batch x context, prefill attention against torch SDPA, and the
 bandwidth fractions of RMSNorm, fused add + RMSNorm, RoPE, SiLU-and-mul and the KV-cache write.
 Writes benchmarks/results/<device-slug>/kernels.json and prints a table. --tune also sweeps the
 decode/prefill launch configs and records the best ones under details.tune.
+Decode is timed as CUDA-graph replays (as the engine runs it; inputs rotated past L2), the rest with
+triton.testing.do_bench (L2 flushed between runs). Reads alone can beat the copy rate, so a decode
+fraction slightly above 1 is expected at large batch.
 """
 
 from __future__ import annotations
@@ -317,8 +319,8 @@ def main() -> None:
         if "skipped" in r:
             print(f"{r['batch']:>12} {r['context']:>8}  skipped: {r['skipped']}")
         else:
-            print(f"{r['batch']:>12} {r['context']:>8} {r['num_splits']:>6} {r['ms'] * 1e3:>9.1f} {r['eager_ms'] * 1e3:>9.1f} "
-                  f"{r['gbps']:>7.0f} {r['hbm_fraction']:>6.2f}")
+            print(f"{r['batch']:>12} {r['context']:>8} {r['num_splits']:>6} {r['ms'] * 1e3:>9.1f} "
+                  f"{r['eager_ms'] * 1e3:>9.1f} {r['gbps']:>7.0f} {r['hbm_fraction']:>6.2f}")
     print(f"prefill {prefill['num_seqs']}x{prefill['seq_len']}: {prefill['tflops']:.0f} TFLOP/s, "
           f"SDPA {prefill['sdpa_tflops']:.0f} TFLOP/s, ratio {prefill['vs_sdpa']:.2f}")
     for k, v in elementwise.items():

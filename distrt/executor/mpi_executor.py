@@ -1,19 +1,23 @@
 """The MPI executor. Two ways in:
 
-  spawn    (a plain Python process): MPI.COMM_SELF.Spawn starts world_size worker ranks; this process
-           is only the coordinator and talks to them over the intercommunicator.
-  launched (`mpirun -n N python -m distrt ...` / srun): rank 0 is the coordinator and also runs
-           worker 0 in a thread; ranks 1..N-1 run the worker loop (distrt.cli sends them there).
+  spawn    (a plain Python process): starts `mpirun -n N python -m distrt.executor.mpi_worker` in its
+           own process group and talks to its rank 0 over an authenticated local socket. This
+           process is only the coordinator, so a crashed or killed MPI job cannot take it down.
+  launched (`mpirun -n N python -m distrt ...` / srun): rank 0 is the coordinator and runs worker 0
+           in a thread (linked by in-process queues); ranks 1..N-1 run the worker loop
+           (distrt.cli sends them there).
 
-Replies are awaited by polling with a deadline (the step watchdog): a worker that raises, dies, or
-hangs in a collective fails the engine with EngineDeadError instead of blocking it.
+Every wait has a deadline (the step watchdog): a worker that raises, dies, or hangs in a collective
+fails the engine with EngineDeadError, and the worker job is killed.
 """
 
 from __future__ import annotations
 
 import os
-import queue
+import secrets
+import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -21,7 +25,7 @@ from typing import Any
 
 from distrt.config import EngineConfig
 from distrt.executor.base import EngineDeadError, Executor
-from distrt.executor.mpi_worker import TAG_FAIL, TAG_REPLY, init_host_comm, make_host, serve
+from distrt.executor.mpi_worker import QueueLink, worker_loop
 from distrt.messages import StepPlan, StepResult
 
 _LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
@@ -31,162 +35,157 @@ def under_mpi_launcher() -> bool:
     return any(k in os.environ for k in _LAUNCHER_VARS)
 
 
+def find_mpirun() -> str:
+    here = os.path.dirname(sys.executable)
+    found = shutil.which("mpirun", path=here + os.pathsep + os.environ.get("PATH", ""))
+    if not found:
+        raise RuntimeError("executor='mpi' needs `mpirun` on PATH (pip install mpich, or an MPI installation)")
+    return found
+
+
 class MpiExecutor(Executor):
     def __init__(self, config: EngineConfig) -> None:
-        from mpi4py import MPI
-
-        from distrt.executor.worker_host import output_rank
-
-        self.MPI = MPI
         self.config = config
         self.world = config.parallel.world_size
-        self.out_rank = output_rank(config)
         self._dead: str | None = None
-        self._pids: list[int] = []
-        self._thread: threading.Thread | None = None
-        launched = under_mpi_launcher() and MPI.COMM_WORLD.Get_size() > 1
-        if launched:
-            if MPI.COMM_WORLD.Get_size() != self.world:
-                raise ValueError(f"mpirun started {MPI.COMM_WORLD.Get_size()} ranks but the layout needs "
-                                 f"{self.world} (tp x pp)")
-            if MPI.COMM_WORLD.Get_rank() != 0:
-                raise RuntimeError("only MPI rank 0 builds the executor; other ranks run distrt.executor.mpi_worker")
-            self.cmd, self.ctrl = _control_comms(MPI)
-            self.cmd.bcast(config, root=0)
-            self._cmds: queue.Queue[Any] = queue.Queue()
-            self._host = make_host(config, 0)
-            self._thread = threading.Thread(target=self._rank0_worker, name="distrt-worker-0", daemon=True)
-            self._thread.start()
-            self._mode = "launched"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._closed = False
+        if under_mpi_launcher() and _mpi_world_size() > 1:
+            self._start_launched()
         else:
-            self.ctrl = MPI.COMM_SELF.Spawn(sys.executable, args=["-m", "distrt.executor.mpi_worker"],
-                                            maxprocs=self.world)
-            self.cmd = self.ctrl
-            self._mode = "spawn"
-            self.ctrl.bcast(config, root=MPI.ROOT)
+            self._start_spawned()
         try:
-            ready = self._collect(self.world, config.parallel.init_timeout_s, "start")
-            if self._mode == "spawn":
-                self._pids = self._ask("pid")
-            del ready
+            self._pids: list[int] = self._wait(config.parallel.init_timeout_s, "worker start-up")
         except BaseException:
             self.shutdown()
             raise
 
-    # -- transport ------------------------------------------------------------------------------
-    def _send_cmd(self, op: str, *args: Any) -> None:
-        if self._mode == "spawn":
-            self.ctrl.bcast((op, args), root=self.MPI.ROOT)
-        else:
-            self._cmds.put((op, args))
+    def _start_launched(self) -> None:
+        from mpi4py import MPI
 
-    def _rank0_worker(self) -> None:
-        from distrt.executor.worker_host import output_rank
+        if MPI.COMM_WORLD.Get_size() != self.world:
+            raise ValueError(f"mpirun started {MPI.COMM_WORLD.Get_size()} ranks but the layout needs {self.world}")
+        self.link, worker_end = QueueLink.pair()
+        threading.Thread(target=worker_loop, args=(MPI.COMM_WORLD, worker_end, None), daemon=True,
+                         name="distrt-mpi-rank0").start()
+        self.link.send(self.config)
 
-        ctrl, cmd = self.ctrl, self.cmd
-        try:
-            init_host_comm(self._host)
-            ctrl.send(("ready", 0), dest=0, tag=TAG_REPLY)
-        except BaseException as e:
-            ctrl.send(f"rank 0: {type(e).__name__}: {e}", dest=0, tag=TAG_FAIL)
-            return
+    def _start_spawned(self) -> None:
+        from multiprocessing.connection import Listener
 
-        def recv_cmd() -> Any:
-            return cmd.bcast(self._cmds.get(), root=0)
-
-        serve(self._host, recv_cmd, lambda obj, tag: ctrl.send(obj, dest=0, tag=tag), 0, output_rank(self.config))
-
-    def _collect(self, n: int, timeout: float, what: str) -> list[Any]:
-        MPI = self.MPI
-        out: dict[int, Any] = {}
-        deadline = time.monotonic() + timeout
-        status = MPI.Status()
-        spins = 0
-        while len(out) < n:
-            if self.ctrl.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status):
-                src, tag = status.Get_source(), status.Get_tag()
-                msg = self.ctrl.recv(source=src, tag=tag)
-                if tag == TAG_FAIL:
-                    self._fail(f"worker {msg}")
-                out[src] = msg
-                spins = 0
-                continue
-            spins += 1
-            if spins > 2000:  # busy-poll about a millisecond, then back off a little
-                time.sleep(0.0002)
-                if spins % 500 == 0:
-                    self._check_pids()
+        key = secrets.token_bytes(32)
+        listener = Listener(("127.0.0.1", 0), authkey=key)
+        host, port = listener.address
+        cmd = [find_mpirun(), "-n", str(self.world), sys.executable, "-m", "distrt.executor.mpi_worker",
+               "--connect", f"{host}:{port}"]
+        env = {**os.environ, "DISTRT_MPI_AUTHKEY": key.hex(), "OMPI_ALLOW_RUN_AS_ROOT": "1",
+               "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+        self._proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        conn: list[Any] = []
+        t = threading.Thread(target=lambda: conn.append(listener.accept()), daemon=True)
+        t.start()
+        deadline = time.monotonic() + self.config.parallel.init_timeout_s
+        while not conn:
+            t.join(0.1)
+            if self._proc.poll() is not None:
+                listener.close()
+                raise RuntimeError(f"the MPI worker job exited with code {self._proc.returncode} before connecting")
             if time.monotonic() > deadline:
-                self._fail(f"{what} timed out after {timeout:.0f}s: a worker or a collective hung "
-                           f"(got {len(out)} of {n} replies)")
-        return [out[k] for k in sorted(out)]
+                self._kill_job()
+                raise RuntimeError("the MPI worker job did not connect in time")
+        listener.close()
+        self.link = conn[0]
+        self.link.send(self.config)
 
-    def _ask(self, op: str, *args: Any) -> list[Any]:
-        self._send_cmd(op, *args)
-        return self._collect(self.world, self.config.parallel.init_timeout_s, op)
-
-    def _check_pids(self) -> None:
-        for r, pid in enumerate(self._pids):
+    # -- waiting with a deadline --------------------------------------------------------------
+    def _wait(self, timeout: float, what: str) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
             try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                self._fail(f"worker rank {r} (pid {pid}) died")
-            except PermissionError:
-                pass
+                ready = self.link.poll(min(0.5, max(0.0, deadline - time.monotonic())))
+            except (EOFError, OSError):
+                ready = True
+            if ready:
+                try:
+                    status, payload = self.link.recv()
+                except (EOFError, OSError) as e:
+                    self._die(f"{what}: the MPI worker job closed its link ({self._exit_text()}): {e}")
+                if status == "fail":
+                    self._die(f"{what} failed: {payload}")
+                return payload
+            if self._proc is not None and self._proc.poll() is not None:
+                self._die(f"{what}: the MPI worker job died ({self._exit_text()})")
+            if time.monotonic() >= deadline:
+                self._die(f"{what} timed out after {timeout:.0f}s: a worker or a collective hung")
 
-    def _fail(self, why: str) -> None:
+    def _exit_text(self) -> str:
+        if self._proc is None or self._proc.poll() is None:
+            return "still running"
+        return f"exit code {self._proc.returncode}"
+
+    def _die(self, why: str) -> None:
         self._dead = why
-        self._kill_workers()
+        self._kill_job()
         raise EngineDeadError(why)
 
-    # -- Executor ----------------------------------------------------------------------------
-    def determine_num_blocks(self) -> int:
-        return min(self._ask("determine_num_blocks"))
-
-    def init_kv_cache(self, num_blocks: int) -> None:
-        self._ask("init_kv_cache", num_blocks)
-
-    def execute(self, plan: StepPlan) -> StepResult:
+    def _call(self, op: str, *args: Any, timeout: float | None = None) -> Any:
         if self._dead is not None:
             raise EngineDeadError(self._dead)
-        self._send_cmd("execute", plan)
-        (result,) = self._collect(1, self.config.parallel.step_timeout_s, f"step {plan.step_id}")
-        return result
+        self.link.send((op, args))
+        return self._wait(timeout or self.config.parallel.init_timeout_s, op)
+
+    # -- Executor ------------------------------------------------------------------------------
+    def determine_num_blocks(self) -> int:
+        return min(self._call("determine_num_blocks"))
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        self._call("init_kv_cache", num_blocks)
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        return self._call("execute", plan, timeout=self.config.parallel.step_timeout_s)
 
     def inject_fault(self, rank: int, kind: str, at_step: int = 1) -> None:
-        """Test hook: every rank receives the command; only `rank` arms it (others get at_step huge)."""
-        self._send_cmd("inject_fault_on", rank, kind, at_step)
-        self._collect(self.world, 30, "inject_fault")
+        """Test hook: worker `rank` hangs / raises / exits from its `at_step`-th next step."""
+        self._call("inject_fault_on", rank, kind, at_step)
 
     def worker_pids(self) -> list[int]:
-        return list(self._pids) if self._pids else self._ask("pid")
+        return list(self._pids)
 
-    def _kill_workers(self) -> None:
-        for pid in self._pids:
+    def _kill_job(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
             try:
-                os.kill(pid, signal.SIGKILL)
+                os.killpg(self._proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+            self._proc.wait(timeout=10)
+        elif self._proc is None:  # launched mode: workers share our mpirun job; abort it
+            if self._dead is not None:
+                from mpi4py import MPI
+
+                MPI.COMM_WORLD.Abort(1)
 
     def shutdown(self) -> None:
-        if getattr(self, "_closed", False):
+        if self._closed:
             return
         self._closed = True
         if self._dead is None:
             try:
-                self._ask("shutdown")
+                self._call("shutdown", timeout=60)
             except EngineDeadError:
-                pass
-        else:
-            self._kill_workers()
-        if self._mode == "spawn" and self._dead is None:
-            self.ctrl.Disconnect()
+                return
+            if self._proc is not None:
+                try:
+                    self._proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    self._kill_job()
+        elif self._proc is not None:
+            self._kill_job()
 
 
-def _control_comms(MPI: Any) -> tuple[Any, Any]:
-    """(commands: bcast from rank 0, replies: point-to-point to rank 0), kept apart because rank 0
-    uses them from two threads."""
-    return MPI.COMM_WORLD.Dup(), MPI.COMM_WORLD.Dup()
+def _mpi_world_size() -> int:
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD.Get_size()
 
 
 def is_launched_worker_rank() -> bool:
@@ -202,17 +201,4 @@ def launched_worker_main() -> None:
     """Ranks 1..N-1 under mpirun: serve the coordinator on rank 0 until it shuts down."""
     from mpi4py import MPI
 
-    from distrt.executor.worker_host import output_rank
-
-    cmd, ctrl = _control_comms(MPI)
-    config = cmd.bcast(None, root=0)
-    rank = MPI.COMM_WORLD.Get_rank()
-    host = make_host(config, rank)
-    try:
-        init_host_comm(host)
-        ctrl.send(("ready", rank), dest=0, tag=TAG_REPLY)
-    except BaseException as e:
-        ctrl.send(f"rank {rank}: {type(e).__name__}: {e}", dest=0, tag=TAG_FAIL)
-        raise
-    serve(host, lambda: cmd.bcast(None, root=0), lambda obj, tag: ctrl.send(obj, dest=0, tag=tag),
-          rank, output_rank(config))
+    worker_loop(MPI.COMM_WORLD, None)

@@ -53,6 +53,8 @@ class RayExecutor(Executor):
         self._dead: BaseException | None = None
         try:
             self._init_comm(ray, gpu)
+            self._pids = self._all("pid")
+            self._nodes = ray.get([w.__ray_call__.remote(_node_id) for w in self.workers])
             if channel == "compiled":
                 self._compile(ray)
         except BaseException:
@@ -114,28 +116,26 @@ class RayExecutor(Executor):
         ray.get(self.workers[rank].inject_fault.remote(kind, at_step))
 
     def worker_pids(self) -> list[int]:
-        return self._all("pid")
+        return list(self._pids)
 
     def worker_nodes(self) -> list[str]:
-        import ray
-
-        return ray.get([w.__ray_call__.remote(lambda self: __import__("ray").get_runtime_context().get_node_id())
-                        for w in self.workers])
+        """Ray node id of each worker (rank order)."""
+        return list(self._nodes)
 
     def _kill_workers(self) -> None:
         import ray
 
-        if self._dag is not None:
+        for w in self.workers:  # kill first: a graph teardown waits on hung actors otherwise
             try:
-                self._dag.teardown(kill_actors=True)
-            except Exception:  # teardown after a failure may itself fail; the kills below finish the job
-                pass
-            self._dag = None
-        for w in self.workers:
-            try:
-                ray.kill(w)
+                ray.kill(w, no_restart=True)
             except Exception:
                 pass
+        if self._dag is not None:
+            try:
+                self._dag.teardown()
+            except Exception:  # the graph's actors are gone; nothing left to release
+                pass
+            self._dag = None
 
     def shutdown(self) -> None:
         import ray
@@ -162,3 +162,9 @@ class RayExecutor(Executor):
         if self._started_ray:
             ray.shutdown()
             self._started_ray = False
+
+
+def _node_id(actor: object) -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()

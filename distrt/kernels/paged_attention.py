@@ -112,6 +112,7 @@ def _kv_tile_offsets(bt_row_ptr, pos, mask, kv_head, d, stride_cb, stride_co, st
     blk = tl.load(bt_row_ptr + pos // BLOCK_SIZE, mask=mask, other=0).to(tl.int64)
     return blk[:, None] * stride_cb + (pos % BLOCK_SIZE)[:, None] * stride_co + kv_head * stride_ch + d[None, :]
 
+
 # triton.jit, applied by _jit()
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, scale_log2e,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_co, stride_ch, stride_bt,
@@ -183,6 +184,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, qsl_ptr, seq_lens_
     tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_mask[None, :])
 
+
 # triton.jit, applied by _jit()
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_ml_ptr, seq_lens_ptr, bt_ptr,
                    scale_log2e, stride_qb, stride_qh, stride_ob, stride_oh,
@@ -239,6 +241,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_
         tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=store_mask)
         tl.store(part_ml_ptr + row * 2, m_i, mask=g_mask)
         tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=g_mask)
+
 
 # triton.jit, applied by _jit()
 def _decode_reduce_kernel(part_acc_ptr, part_ml_ptr, out_ptr, stride_ob, stride_oh,

@@ -102,6 +102,7 @@ def _rotate_heads(x_ptr, t, stride_t, stride_h, cos, sin,
     tl.store(ptr1, (x1f * cos - x2 * sin).to(x1.dtype), mask=mask)
     tl.store(ptr1 + HALF, (x2 * cos + x1f * sin).to(x1.dtype), mask=mask)
 
+
 # triton.jit, applied by _jit()
 def _rotary_kernel(q_ptr, k_ptr, pos_ptr, cos_sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
                    stride_cs, NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HALF: tl.constexpr,

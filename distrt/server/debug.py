@@ -13,7 +13,7 @@ from distrt.engine.llm_engine import LLMEngine
 from distrt.messages import StepPlan, StepResult
 from distrt.server.context import ServerContext, get_context
 
-router = APIRouter(prefix="/debug")
+router = APIRouter(prefix="/debug", include_in_schema=False)
 
 
 class Fault(BaseModel):

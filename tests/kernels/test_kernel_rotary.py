@@ -90,7 +90,8 @@ def test_triton_matches_ref(dtype: torch.dtype, head_dim: int, num_heads: int, n
 @needs_triton
 def test_op_dispatch(force_triton: None) -> None:
     cos_sin = build_rope_cache(64, 32, 10000.0, None).to(DEVICE)
-    q, k, pos = torch.randn(5, 4, 64, device=DEVICE), torch.randn(5, 2, 64, device=DEVICE), torch.arange(5, device=DEVICE)
+    q, k = torch.randn(5, 4, 64, device=DEVICE), torch.randn(5, 2, 64, device=DEVICE)
+    pos = torch.arange(5, device=DEVICE)
     ref_q, ref_k = apply_rotary_ref(q, k, pos, cos_sin)
     q_out, k_out = apply_rotary_op(q, k, pos, cos_sin)
     torch.testing.assert_close(q_out, ref_q)

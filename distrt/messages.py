@@ -89,3 +89,4 @@ class StepResult:
     step_id: int
     sampled: dict[RequestId, int] = field(default_factory=dict)
     logprobs: dict[RequestId, TokenLogprobs] = field(default_factory=dict)
+    exec_time_s: float = 0.0  # the worker's time inside execute (step overhead = wall - this)

@@ -215,6 +215,8 @@ class AsyncLLMEngine:
     def _apply(self, cmd: _Command) -> None:
         if isinstance(cmd, _Add):
             try:
+                if self._dead is not None:
+                    raise self._dead  # the loop no longer steps: an added request would wait forever
                 self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params)
             except Exception as e:
                 self._call_in_loop(self._deliver, cmd.request_id, e)

@@ -78,6 +78,7 @@ def _prepare(body: ChatCompletionRequest, ctx: ServerContext) -> tuple[Job, int]
     ctx.check_serving()
     engine = ctx.engine
     ids = _prompt_ids(body, ctx)
+    requested: int | None
     if body.max_completion_tokens is not None:
         requested, param = body.max_completion_tokens, "max_completion_tokens"
     else:

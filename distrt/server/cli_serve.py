@@ -15,7 +15,7 @@ _UNSET: Any = type("_Unset", (), {"__repr__": lambda self: "<unset>"})()
 _NOT_CONFIGURABLE = ("help", "config", "func")
 
 
-def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+def add_serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from distrt.cli import _add_engine_args
     from distrt.server.settings import DEFAULT_MAX_REQUEST_BYTES
 
@@ -42,13 +42,13 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_serve)
 
 
-def add_bench_serve_parser(sub: argparse._SubParsersAction) -> None:
+def add_bench_serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Adds `bench` with a `serve` subcommand; if `bench` exists already, use add_bench_serve_subcommand."""
     bench = sub.add_parser("bench", help="benchmarks")
     add_bench_serve_subcommand(bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True))
 
 
-def add_bench_serve_subcommand(bench_sub: argparse._SubParsersAction) -> None:
+def add_bench_serve_subcommand(bench_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from distrt.bench.serve import add_arguments, run_from_args
 
     p = bench_sub.add_parser("serve", help="load-test an OpenAI-compatible server (Poisson arrivals, streaming)")

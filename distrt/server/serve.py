@@ -2,7 +2,8 @@
 
     SIGTERM/SIGINT ─► draining: new /v1 requests get 503, /health 503
                       wait until no request is in flight, or drain_timeout
-                  ─► uvicorn stops (what is still streaming is cancelled, which aborts it)
+                  ─► past the timeout: the engine stops, failing what is left (an error event / 503)
+                  ─► uvicorn stops
                   ─► AsyncLLMEngine.shutdown(): engine thread stops, executor (workers) shut down
 """
 
@@ -14,6 +15,7 @@ import signal
 import socket
 import time
 from types import FrameType
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
@@ -26,14 +28,16 @@ from distrt.server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 
-_GRACE_AFTER_DRAIN = 2.0  # seconds uvicorn waits for connections once the drain is over
+_GRACE_AFTER_DRAIN = 2  # seconds uvicorn waits for connections once the drain is over
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, gate: GateState, drain_timeout: float) -> None:
+    def __init__(self, config: uvicorn.Config, gate: GateState, drain_timeout: float,
+                 on_drain_timeout: Callable[[], None] | None = None) -> None:
         super().__init__(config)
         self.gate = gate
         self.drain_timeout = drain_timeout
+        self.on_drain_timeout = on_drain_timeout
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_task: asyncio.Task[None] | None = None
 
@@ -62,19 +66,24 @@ class DrainingServer(uvicorn.Server):
         self._drain_task = asyncio.ensure_future(self._drain())
 
     async def _drain(self) -> None:
-        deadline = time.monotonic() + self.drain_timeout
+        await self._wait_in_flight(self.drain_timeout)
+        if self.gate.in_flight and self.on_drain_timeout is not None:
+            logger.warning("drain timeout: failing %d request(s) still in flight", self.gate.in_flight)
+            await asyncio.get_running_loop().run_in_executor(None, self.on_drain_timeout)
+            await self._wait_in_flight(_GRACE_AFTER_DRAIN)
+        self.should_exit = True
+
+    async def _wait_in_flight(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
         while self.gate.in_flight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        if self.gate.in_flight:
-            logger.warning("drain timeout: cancelling %d request(s) still in flight", self.gate.in_flight)
-        self.should_exit = True
 
 
 def build_server(engine: AsyncLLMEngine, settings: ServerSettings, **uvicorn_kwargs: Any) -> DrainingServer:
     ctx = ServerContext(engine, settings)
     config = uvicorn.Config(build_app(ctx), host=settings.host, port=settings.port, log_level=settings.log_level,
                             lifespan="off", timeout_graceful_shutdown=_GRACE_AFTER_DRAIN, **uvicorn_kwargs)
-    return DrainingServer(config, ctx.gate, settings.drain_timeout)
+    return DrainingServer(config, ctx.gate, settings.drain_timeout, on_drain_timeout=engine.shutdown)
 
 
 def run_server(engine: AsyncLLMEngine, settings: ServerSettings) -> int:

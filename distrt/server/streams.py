@@ -43,13 +43,13 @@ async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]
     try:
         remaining = len(tasks)
         while remaining:
-            i, item, err, done = await q.get()
+            i, got, err, done = await q.get()
             if err is not None:
                 raise err
             if done:
                 remaining -= 1
             else:
-                yield i, item  # type: ignore[misc]
+                yield i, got  # type: ignore[misc]
     finally:
         for t in tasks:
             t.cancel()

@@ -3,6 +3,7 @@ execute StepPlans. One per GPU (or per CPU rank in tests)."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -48,6 +49,7 @@ class Worker:
         return states, list(plan.num_scheduled_tokens.values())
 
     def execute(self, plan: StepPlan) -> StepResult:
+        t0 = time.perf_counter()
         states, counts = self.apply_plan(plan)
         if not states:
             return StepResult(plan.step_id)
@@ -62,7 +64,7 @@ class Worker:
             sampled[st.req_id] = tok
             if lp is not None:
                 logprobs[st.req_id] = TokenLogprobs(lp[0], tuple(lp[1]), tuple(lp[2]))
-        return StepResult(plan.step_id, sampled, logprobs)
+        return StepResult(plan.step_id, sampled, logprobs, time.perf_counter() - t0)
 
     def shutdown(self) -> None:
         self.states.clear()

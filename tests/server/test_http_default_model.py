@@ -3,6 +3,7 @@ path reproduces the offline LLM API's greedy text, streamed and not."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import socket
 import threading
 from collections.abc import Iterator
@@ -13,18 +14,22 @@ import pytest
 
 from distrt import LLM, SamplingParams
 from distrt.engine.async_engine import AsyncLLMEngine
+from distrt.engine.tokenizer import apply_chat_template
 from distrt.server.serve import build_server
 from distrt.server.settings import ServerSettings
 
 CHAT = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 PROMPT = "The three primary colours are"
+MAX_TOKENS = 16
 
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[tuple[openai.OpenAI, dict[str, Any]]]:
     llm = LLM("default", device="cpu", max_model_len=256, num_kv_blocks=64)
-    greedy = SamplingParams(temperature=0.0, max_tokens=24)
-    ref = {"chat": llm.chat(CHAT, greedy, use_tqdm=False)[0], "text": llm.generate(PROMPT, greedy, use_tqdm=False)[0]}
+    greedy = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
+    chat_ids = apply_chat_template(llm.tokenizer, CHAT)
+    chat, text = llm.generate([{"prompt_token_ids": chat_ids}, PROMPT], greedy, use_tqdm=False)
+    ref = {"chat": chat, "text": text}
     engine = AsyncLLMEngine.from_llm(llm)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -46,17 +51,24 @@ def served() -> Iterator[tuple[openai.OpenAI, dict[str, Any]]]:
 def test_default_model_chat_and_completion(served: tuple[openai.OpenAI, dict[str, Any]]) -> None:
     client, ref = served
     assert [m.id for m in client.models.list().data] == ["SmolLM2-135M-Instruct"]
-    chat = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=CHAT, max_tokens=24,
-                                          temperature=0.0)
+    kw: dict[str, Any] = dict(model="SmolLM2-135M-Instruct", max_tokens=MAX_TOKENS, temperature=0.0)
+
+    def chat(stream: bool) -> Any:
+        out = client.chat.completions.create(messages=CHAT, stream=stream, **kw)
+        return "".join(c.choices[0].delta.content or "" for c in out if c.choices) if stream else out
+
+    def complete(stream: bool) -> Any:
+        out = client.completions.create(prompt=PROMPT, stream=stream, **kw)
+        return "".join(c.choices[0].text for c in out if c.choices) if stream else out
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # one batch: CPU decode of this model is slow
+        chat_full, chat_streamed, comp_full, comp_streamed = [
+            f.result() for f in [pool.submit(chat, False), pool.submit(chat, True),
+                                 pool.submit(complete, False), pool.submit(complete, True)]]
     want = ref["chat"].outputs[0]
-    assert chat.choices[0].message.content == want.text and want.text.strip()
-    assert chat.usage.prompt_tokens == len(ref["chat"].prompt_token_ids)
-    assert chat.usage.completion_tokens == len(want.token_ids)
-    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-        model="SmolLM2-135M-Instruct", messages=CHAT, max_tokens=24, temperature=0.0, stream=True) if c.choices)
-    assert streamed == want.text
-    comp = client.completions.create(model="SmolLM2-135M-Instruct", prompt=PROMPT, max_tokens=24, temperature=0.0)
-    assert comp.choices[0].text == ref["text"].outputs[0].text
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model="SmolLM2-135M-Instruct", prompt=PROMPT, max_tokens=24, temperature=0.0, stream=True) if c.choices)
-    assert streamed == comp.choices[0].text
+    assert chat_full.choices[0].message.content == want.text and want.text.strip()
+    assert chat_full.usage.prompt_tokens == len(ref["chat"].prompt_token_ids)
+    assert chat_full.usage.completion_tokens == len(want.token_ids)
+    assert chat_streamed == want.text
+    assert comp_full.choices[0].text == ref["text"].outputs[0].text
+    assert comp_streamed == comp_full.choices[0].text

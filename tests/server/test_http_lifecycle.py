@@ -123,3 +123,20 @@ def test_worker_death_mid_stream(tiny_model: str, tmp_path_factory: pytest.TempP
     finally:
         assert srv.stop() == 0
     assert not srv.group_alive()
+
+
+def test_sigterm_drain_timeout_fails_what_is_left(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    log = str(tmp_path_factory.mktemp("logs") / "drain_timeout_server.log")
+    srv = ServerProcess(tiny_model, *tiny_server_args("--drain-timeout", "1"), log_path=log).wait_ready()
+    _fault(srv, "delay", 0.1)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        long = _start_stream(pool, srv, 100)  # about 10 s of steps: outlives the 1 s drain
+        t0 = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        events = long.result(timeout=30)
+    errors = [e["error"] for e in events if isinstance(e, dict) and "error" in e]
+    assert len(errors) == 1 and errors[0]["code"] == "engine_unavailable" and events[-1] == "[DONE]"
+    assert srv.proc.wait(30) == 0 and time.monotonic() - t0 < 8
+    time.sleep(0.2)
+    assert not srv.group_alive()
+    assert srv.stop() == 0

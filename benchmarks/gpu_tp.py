@@ -1,0 +1,180 @@
+"""2 GPUs: tensor parallelism on the Llama-3.1-8B shape (random bf16 weights), in one run:
+batch-1 ms/token for tp=1 and tp=2, saturated throughput (512 requests, 128 in / 128 out), NCCL
+(cupy) all-reduce latency for decode-sized messages, and each executor's per-step control overhead
+(coordinator wall time per step minus the workers' time inside execute).
+
+    python benchmarks/gpu_tp.py [--shape llama-3.1-8b] [--executors mpi,ray] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from kernels_gpu import device_slug  # noqa: E402
+from results_io import write_result  # noqa: E402
+
+
+def _llm(shape: str, tp: int, executor: str, max_num_seqs: int, max_len: int) -> Any:
+    from distrt import LLM
+
+    return LLM(f"shape:{shape}", dtype="bfloat16", device="cuda", tensor_parallel_size=tp, executor=executor,
+               max_model_len=max_len, max_num_seqs=max_num_seqs, kv_cache_memory=0.6)
+
+
+class _Timed:
+    """Wraps executor.execute to record (wall, worker exec) per decode step."""
+
+    def __init__(self, ex: Any) -> None:
+        self.ex, self.samples = ex, []
+        self.inner = ex.execute
+        ex.execute = self
+
+    def __call__(self, plan: Any) -> Any:
+        t = time.perf_counter()
+        r = self.inner(plan)
+        self.samples.append((time.perf_counter() - t, r.exec_time_s, plan.total_tokens))
+        return r
+
+
+def bench_bs1(llm: Any, prompt_len: int = 128, new: int = 256) -> tuple[float, float]:
+    from distrt import SamplingParams
+
+    eng = llm.engine
+    prompt = {"prompt_token_ids": list(range(100, 100 + prompt_len))}
+    llm.generate(prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    timer = _Timed(llm._executor)
+    eng.add_request("bs1", prompt, SamplingParams(temperature=0, max_tokens=new, ignore_eos=True))
+    eng.step()
+    timer.samples.clear()
+    t0 = time.perf_counter()
+    steps = 0
+    while eng.has_unfinished_requests():
+        eng.step()
+        steps += 1
+    ms = (time.perf_counter() - t0) / steps * 1e3
+    overhead = statistics.median(w - e for w, e, _ in timer.samples) * 1e3
+    llm._executor.execute = timer.inner
+    return ms, overhead
+
+
+def bench_throughput(llm: Any, n: int = 512, inp: int = 128, out: int = 128) -> float:
+    from distrt import SamplingParams
+
+    prompts = [{"prompt_token_ids": [(i * 7 + j) % 30000 + 10 for j in range(inp)]} for i in range(n)]
+    sp = SamplingParams(temperature=0, max_tokens=out, ignore_eos=True)
+    llm.generate(prompts[:8], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    res = llm.generate(prompts, sp, use_tqdm=False)
+    dt = time.perf_counter() - t
+    return sum(len(r.outputs[0].token_ids) for r in res) / dt
+
+
+def _allreduce_rank(rank: int, uid: bytes, sizes: list[int], q: Any) -> None:
+    from distrt.parallel.comm_nccl import NcclComm
+
+    torch.cuda.set_device(rank)
+    comm = NcclComm(2, uid, rank, torch.device("cuda", rank))
+    out = {}
+    for nbytes in sizes:
+        x = torch.ones(nbytes // 2, dtype=torch.bfloat16, device="cuda")
+        for _ in range(20):
+            comm.all_reduce(x)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(50):
+                comm.all_reduce(x)
+        g.replay()
+        torch.cuda.synchronize()
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        for _ in range(10):
+            g.replay()
+        e1.record()
+        torch.cuda.synchronize()
+        graph_us = e0.elapsed_time(e1) / 500 * 1e3
+        t = time.perf_counter()
+        for _ in range(200):
+            comm.all_reduce(x)
+        torch.cuda.synchronize()
+        eager_us = (time.perf_counter() - t) / 200 * 1e6
+        out[nbytes] = (graph_us, eager_us)
+    if rank == 0:
+        q.put(out)
+    del g
+    comm.destroy()
+
+
+def bench_allreduce(sizes: list[int]) -> dict[int, tuple[float, float]]:
+    from distrt.parallel.comm_nccl import nccl_unique_id
+
+    uid = nccl_unique_id()
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    ps = [ctx.Process(target=_allreduce_rank, args=(r, uid, sizes, q)) for r in range(2)]
+    for p in ps:
+        p.start()
+    res = q.get(timeout=300)
+    for p in ps:
+        p.join(60)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="llama-3.1-8b")
+    ap.add_argument("--executors", default="mpi,ray")
+    ap.add_argument("--requests", type=int, default=512)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    slug = device_slug(torch.cuda.get_device_name(0))
+    out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{slug}x2", "tp.json")
+    metrics: dict[str, float] = {}
+    details: dict[str, Any] = {"shape": a.shape, "requests": a.requests, "in": 128, "out": 128}
+
+    ar = bench_allreduce([8 << 10, 16 << 10, 32 << 10, 64 << 10])
+    for nbytes, (g_us, e_us) in ar.items():
+        metrics[f"allreduce_us_graph_{nbytes >> 10}kb"] = g_us
+        metrics[f"allreduce_us_eager_{nbytes >> 10}kb"] = e_us
+    print("allreduce", ar, flush=True)
+
+    runs: dict[str, dict[str, float]] = {}
+    for tp, ex in [(1, "local")] + [(2, e) for e in a.executors.split(",")]:
+        llm = _llm(a.shape, tp, ex, 256, 512)
+        ms, ovh = bench_bs1(llm)
+        thr = bench_throughput(llm, a.requests) if ex in ("local", a.executors.split(",")[0]) else float("nan")
+        runs[f"tp{tp}_{ex}"] = {"bs1_ms_per_token": ms, "step_overhead_ms": ovh, "throughput_tok_s": thr}
+        print(f"tp{tp} {ex}", runs[f"tp{tp}_{ex}"], flush=True)
+        llm.shutdown()
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+    first = a.executors.split(",")[0]
+    t1, t2 = runs["tp1_local"], runs[f"tp2_{first}"]
+    metrics["tp1_bs1_ms_per_token"] = t1["bs1_ms_per_token"]
+    metrics["tp2_bs1_ms_per_token"] = t2["bs1_ms_per_token"]
+    metrics["tp2_vs_tp1_bs1_latency"] = t2["bs1_ms_per_token"] / t1["bs1_ms_per_token"]
+    metrics["tp1_throughput_tok_s"] = t1["throughput_tok_s"]
+    metrics["tp2_throughput_tok_s"] = t2["throughput_tok_s"]
+    metrics["tp2_vs_tp1_throughput"] = t2["throughput_tok_s"] / t1["throughput_tok_s"]
+    for ex in a.executors.split(","):
+        metrics[f"step_overhead_ms_{ex}"] = runs[f"tp2_{ex}"]["step_overhead_ms"]
+    metrics["step_overhead_ms_local"] = t1["step_overhead_ms"]
+    details["runs"] = runs
+    print(write_result(out, metrics, details))
+
+
+if __name__ == "__main__":
+    main()

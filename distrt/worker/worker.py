@@ -21,6 +21,8 @@ class Worker:
         self.config = config
         dev = torch.device(device or config.device.device)
         if dev.type == "cuda":
+            if dev.index is None:
+                dev = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(dev)
         torch.manual_seed(config.seed)
         self.ctx = ShardContext(dtype=resolve_dtype(config.model.dtype), device=dev, tp_rank=tp_rank, tp_size=tp_size,

@@ -25,7 +25,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, object]:
     from transformers import AutoModelForCausalLM
 
     ckpt = make_llama3_shaped(str(tmp_path_factory.mktemp("tp")))
-    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).to("cuda:0").eval()
+    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).to("cuda:0").eval()
     return ckpt, hf
 
 

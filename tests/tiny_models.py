@@ -57,16 +57,16 @@ def write_word_tokenizer(path: str, vocab_size: int) -> None:
 
 
 def make_tiny_checkpoint(root: str, name: str, seed: int = 0, max_shard_size: str | None = None,
-                         **overrides: Any) -> str:
+                         std: float = 0.08, head_std: float | None = None, **overrides: Any) -> str:
     from transformers import AutoModelForCausalLM
 
     cfg = _config(name, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
     with torch.no_grad():  # larger-than-default init so logits are far from flat and ties are rare
-        for p in model.parameters():
+        for n, p in model.named_parameters():
             if p.dim() >= 2:
-                p.normal_(0.0, 0.08)
+                p.normal_(0.0, head_std if head_std is not None and n.startswith("lm_head") else std)
     path = os.path.join(root, name)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, safe_serialization=True, **kwargs)

@@ -10,6 +10,11 @@ from distrt.server.cli_serve import add_bench_serve_parser, add_serve_parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from distrt.executor.mpi_executor import is_launched_worker_rank, launched_worker_main
+
+    if is_launched_worker_rank():  # under mpirun/srun, ranks 1..N-1 serve rank 0's engine
+        launched_worker_main()
+        return 0
     parser = argparse.ArgumentParser(prog="python -m distrt.server")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_serve_parser(sub)

@@ -26,6 +26,8 @@ def add_serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     e.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks (overrides --kv-cache-memory)")
     e.add_argument("--max-num-batched-tokens", type=int, default=None)
     e.add_argument("--enforce-eager", action="store_true")
+    e.add_argument("--step-timeout", type=float, default=300.0,
+                   help="seconds a step may take before the engine is declared dead (watchdog)")
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     s.add_argument("--port", type=int, default=8000)
@@ -116,5 +118,5 @@ def run_serve(raw: argparse.Namespace) -> int:
                               max_request_bytes=a.max_request_bytes, drain_timeout=a.drain_timeout,
                               enable_debug_routes=a.enable_debug_routes, log_level=a.log_level)
     llm = LLM(a.model, num_kv_blocks=a.num_kv_blocks, max_num_batched_tokens=a.max_num_batched_tokens,
-              enforce_eager=a.enforce_eager, **engine_kwargs(a))
+              enforce_eager=a.enforce_eager, step_timeout_s=a.step_timeout, **engine_kwargs(a))
     return run_server(AsyncLLMEngine.from_llm(llm), settings)

@@ -3,6 +3,7 @@ and fault injection into the executor (a slow step, or a worker that dies)."""
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Literal
 
@@ -23,7 +24,9 @@ class Fault(BaseModel):
 
 def _state(engine: LLMEngine) -> dict[str, Any]:
     engine.check_integrity()
+    pids = getattr(engine.executor, "worker_pids", None)
     return {"num_blocks": engine.allocator.num_blocks, "num_free_blocks": engine.allocator.num_free_blocks,
+            "worker_pids": pids() if callable(pids) else [os.getpid()],
             "num_unfinished_requests": engine.num_unfinished_requests,
             "num_running": engine.scheduler.num_running, "num_waiting": engine.scheduler.num_waiting,
             "integrity": "ok"}

@@ -99,6 +99,16 @@ class ModelRunner:
                                    self.device)
         self.graphs.capture()
 
+    def release(self) -> None:
+        """Free the KV pool and CUDA graphs (the graphs hold the pool's addresses)."""
+        self.graphs = None
+        self.kv_caches = []
+        if self.device.type == "cuda":
+            import gc
+
+            gc.collect()
+            torch.cuda.empty_cache()
+
     # -- one step -----------------------------------------------------------------------------
     def prepare(self, states: list[RequestState], num_tokens: list[int]) -> BatchInputs:
         bs = self.config.cache.block_size

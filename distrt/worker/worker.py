@@ -70,4 +70,4 @@ class Worker:
 
     def shutdown(self) -> None:
         self.states.clear()
-        self.runner.kv_caches = []
+        self.runner.release()

@@ -17,7 +17,9 @@ def make_llama3_shaped(root: str) -> str:
     from tiny_models import ARCH_DEFAULTS, make_tiny_checkpoint
 
     ARCH_DEFAULTS.setdefault("llama3-shaped", {"arch": "llama", **LLAMA3_SHAPED})
-    return make_tiny_checkpoint(root, "llama3-shaped")
+    # Llama's own init scale (0.02) keeps the residual stream well conditioned, as in a trained model;
+    # a larger LM head spreads the logits so top-1 is rarely a near-tie.
+    return make_tiny_checkpoint(root, "llama3-shaped", std=0.02, head_std=0.5, tie_word_embeddings=False)
 
 
 def prompts(vocab: int, n: int = 8, seed: int = 0) -> list[list[int]]:

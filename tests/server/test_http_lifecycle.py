@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -140,3 +141,41 @@ def test_sigterm_drain_timeout_fails_what_is_left(tiny_model: str, tmp_path_fact
     time.sleep(0.2)
     assert not srv.group_alive()
     assert srv.stop() == 0
+
+
+def test_killed_mpi_worker_mid_stream(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A real worker process (TP rank 1 under the MPI executor) is SIGKILLed while requests stream."""
+    pytest.importorskip("mpi4py")
+    from distrt.executor.mpi_executor import find_mpirun
+
+    try:
+        find_mpirun()
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    log = str(tmp_path_factory.mktemp("logs") / "mpi_server.log")
+    srv = ServerProcess(tiny_model, *tiny_server_args("--tp", "2", "--executor", "mpi", "--step-timeout", "4"),
+                        log_path=log).wait_ready()
+    try:
+        pids = httpx.get(srv.url + "/debug/state", headers=srv.headers).json()["worker_pids"]
+        assert len(pids) == 2 and srv.proc.pid not in pids
+        _fault(srv, "delay", 0.03)
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            streams = [_start_stream(pool, srv, 100) for _ in range(3)]
+            t0 = time.monotonic()
+            os.kill(pids[1], signal.SIGKILL)
+            for f in streams:
+                events = f.result(timeout=30)
+                errors = [e["error"] for e in events if isinstance(e, dict) and "error" in e]
+                assert len(errors) == 1 and errors[0]["code"] == "engine_unavailable", events[-3:]
+                assert events[-1] == "[DONE]"
+            assert time.monotonic() - t0 < 10
+        assert httpx.get(srv.url + "/health").status_code == 503
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": "w5", "max_tokens": 2}, headers=srv.headers)
+        assert r.status_code == 503
+    finally:
+        assert srv.stop() == 0
+    assert not srv.group_alive()
+    deadline = time.monotonic() + 15
+    while any(os.path.exists(f"/proc/{p}") for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(os.path.exists(f"/proc/{p}") for p in pids), "worker processes left behind"

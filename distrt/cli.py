@@ -73,7 +73,19 @@ def _run_generate(a: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_generate_parser]
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    from distrt.server.cli_serve import add_serve_parser
+
+    add_serve_parser(sub)
+
+
+def _bench_parser(sub: argparse._SubParsersAction) -> None:
+    from distrt.server.cli_serve import add_bench_serve_parser
+
+    add_bench_serve_parser(sub)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_generate_parser, _serve_parser, _bench_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -133,26 +133,31 @@ class ModelRunner:
             if end == len(st.token_ids):
                 sample_rows.append(i)
                 sample_idx.append(qsl[-1] - 1)
-        tables = torch.zeros((len(states), max_blocks), dtype=torch.int32)
-        for i, st in enumerate(states):
-            tables[i, : len(st.block_ids)] = torch.tensor(st.block_ids, dtype=torch.int32)
-        dev = self.device
+        nb = len(states)
+        flat_tables: list[int] = []
+        for st in states:
+            flat_tables.extend(st.block_ids)
+            flat_tables.extend([0] * (max_blocks - len(st.block_ids)))
+        t = len(ids)
+        # two host buffers, two copies: [ids | positions | slots | sample_idx] and [qsl | seq_lens | tables]
+        h64 = torch.tensor(ids + pos + slots + sample_idx, dtype=torch.int64)
+        h32 = torch.tensor(qsl + seq_lens + flat_tables, dtype=torch.int32)
+        if self.device.type == "cuda":
+            d64 = h64.pin_memory().to(self.device, non_blocking=True)
+            d32 = h32.pin_memory().to(self.device, non_blocking=True)
+        else:
+            d64, d32 = h64, h32
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32).to(dev, non_blocking=True),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
-            block_tables=tables.to(dev, non_blocking=True),
+            slot_mapping=d64[2 * t: 3 * t],
+            query_start_loc=d32[: nb + 1],
+            seq_lens=d32[nb + 1: 2 * nb + 1],
+            block_tables=d32[2 * nb + 1:].view(nb, max_blocks),  # [B, max_blocks]
             max_query_len=max(num_tokens),
             max_seq_len=max(seq_lens),
             is_decode_only=max(num_tokens) == 1,
         )
-        return BatchInputs(
-            input_ids=torch.tensor(ids, dtype=torch.int64).to(dev, non_blocking=True),
-            positions=torch.tensor(pos, dtype=torch.int64).to(dev, non_blocking=True),
-            meta=meta,
-            sample_rows=sample_rows,
-            sample_token_idx=torch.tensor(sample_idx, dtype=torch.int64).to(dev, non_blocking=True),
-        )
+        return BatchInputs(input_ids=d64[:t], positions=d64[t: 2 * t], meta=meta, sample_rows=sample_rows,
+                           sample_token_idx=d64[3 * t:])
 
     @torch.inference_mode()
     def forward_logits(self, inputs: BatchInputs) -> torch.Tensor:

@@ -128,3 +128,27 @@ def test_engine_config_errors(tmp_path: pytest.TempPathFactory) -> None:
         LLM(path, device="cpu", dtype="int3")
     with pytest.raises(ValueError, match="KV cache holds"):
         LLM(path, device="cpu", max_model_len=256, num_kv_blocks=2)
+
+
+def test_unsupported_architecture_and_corrupt_weights(tmp_path: pytest.TempPathFactory) -> None:
+    import json
+    import os
+
+    path = make_tiny_checkpoint(str(tmp_path), "llama-gqa")
+    cfg_path = os.path.join(path, "config.json")
+    cfg = json.load(open(cfg_path))
+    cfg["architectures"] = ["FrobnicatorForCausalLM"]
+    json.dump(cfg, open(cfg_path, "w"))
+    with pytest.raises(ValueError, match="FrobnicatorForCausalLM"):
+        LLM(path, device="cpu")
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    json.dump(cfg, open(cfg_path, "w"))
+    weights = os.path.join(path, "model.safetensors")
+    data = open(weights, "rb").read()
+    open(weights, "wb").write(data[: len(data) // 2])  # truncated
+    with pytest.raises(ValueError, match="model.safetensors"):
+        LLM(path, device="cpu", max_model_len=64)
+    gguf = os.path.join(str(tmp_path), "broken.gguf")
+    open(gguf, "wb").write(b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 20)
+    with pytest.raises(ValueError, match="broken.gguf"):
+        LLM(gguf, device="cpu")

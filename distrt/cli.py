@@ -80,9 +80,25 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _bench_parser(sub: argparse._SubParsersAction) -> None:
-    from distrt.server.cli_serve import add_bench_serve_parser
+    from distrt.bench.offline import add_offline_subcommands
+    from distrt.server.cli_serve import add_bench_serve_subcommand
 
-    add_bench_serve_parser(sub)
+    bench = sub.add_parser("bench", help="benchmarks: throughput, latency, kernels, serve")
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
+    add_offline_subcommands(bench_sub)
+    k = bench_sub.add_parser("kernels", help="Triton kernels vs the measured copy bandwidth / GEMM rate (GPU)")
+    k.add_argument("--quick", action="store_true")
+    k.add_argument("--tune", action="store_true")
+    k.add_argument("--out", default=None)
+    k.set_defaults(func=_run_bench_kernels)
+    add_bench_serve_subcommand(bench_sub)
+
+
+def _run_bench_kernels(a: argparse.Namespace) -> int:
+    from distrt.bench.kernels import main as kernels_main
+
+    kernels_main((["--quick"] if a.quick else []) + (["--tune"] if a.tune else []) + (["--out", a.out] if a.out else []))
+    return 0
 
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_generate_parser, _serve_parser, _bench_parser]

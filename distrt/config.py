@@ -123,12 +123,33 @@ class ParallelConfig:
     executor: str = "local"
     step_timeout_s: float = 300.0  # the step watchdog: a step (or hung collective) past this kills the engine
     init_timeout_s: float = 900.0
+    # layers per pipeline stage, e.g. (3, 5) for 8 layers on 2 stages; None: as even as possible
+    pp_layer_split: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        split = self.pp_layer_split
+        if split is not None:
+            if (not isinstance(split, tuple) or len(split) != self.pipeline_parallel_size
+                    or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in split)):
+                raise ValueError(f"pp_layer_split must be a tuple of {self.pipeline_parallel_size} layer counts "
+                                 f">= 1 (one per pipeline stage), got {split!r}")
+
+    def stage_layers(self, num_layers: int) -> tuple[int, ...]:
+        """Layers per pipeline stage for a model of num_layers (checked: each >= 1, summing to it)."""
+        pp = self.pipeline_parallel_size
+        if self.pp_layer_split is not None:
+            if sum(self.pp_layer_split) != num_layers:
+                raise ValueError(f"pp_layer_split {self.pp_layer_split} covers {sum(self.pp_layer_split)} layers; "
+                                 f"the model has {num_layers}")
+            return self.pp_layer_split
+        if pp > num_layers:
+            raise ValueError(f"pipeline_parallel_size ({pp}) exceeds the number of layers ({num_layers})")
+        base, extra = divmod(num_layers, pp)
+        return tuple(base + (1 if i < extra else 0) for i in range(pp))
 
     @property
     def world_size(self) -> int:

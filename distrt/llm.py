@@ -80,6 +80,7 @@ class LLM:
         device: str = "auto",
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
+        pp_layer_split: Sequence[int] | None = None,
         expert_parallel_size: int = 1,
         executor: str = "auto",
         enforce_eager: bool = False,
@@ -101,7 +102,9 @@ class LLM:
         mcfg.check_tensor_parallel(tensor_parallel_size)
         parallel = ParallelConfig(tensor_parallel_size, pipeline_parallel_size, expert_parallel_size,
                                   resolve_executor_name(executor, tensor_parallel_size * pipeline_parallel_size),
-                                  step_timeout_s=step_timeout_s)
+                                  step_timeout_s=step_timeout_s,
+                                  pp_layer_split=None if pp_layer_split is None else tuple(pp_layer_split))
+        parallel.stage_layers(mcfg.num_layers)
         sched = SchedulerConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                                 max_num_batched_tokens=max_num_batched_tokens or (2048 if enable_chunked_prefill else max_model_len),
                                 enable_chunked_prefill=enable_chunked_prefill)

@@ -3,13 +3,28 @@
 A StepPlan is a diff against what every worker already holds:
 
     step k:   new_requests=[A(prompt, blocks [3, 7])]   scheduled={A: 12}
-    step k+1: cached=[A(+blocks [])]                    scheduled={A: 1}       (decode)
-    step k+2: cached=[A(+blocks [9])]                   scheduled={A: 1}       (crossed a block)
+    step k+1: cached=[A(+tokens [t12], +blocks [])]     scheduled={A: 1}       (decode)
+    step k+2: cached=[A(+tokens [t13], +blocks [9])]    scheduled={A: 1}       (crossed a block)
     step k+3: finished_ids=[A]                                                 (worker drops A)
 
-A request's tokens are sent once (in `NewRequest`); afterwards each worker appends the token it
-sampled itself. A preempted request is dropped through `finished_ids` and later re-sent whole as a
-`NewRequest` carrying its prompt and every token generated so far (recompute).
+Token invariant: a worker's token ids come only from the coordinator. A `NewRequest` carries every
+token known so far; each later `CachedRequest` carries `new_token_ids`, the tokens the coordinator
+got back since it last sent that request (the one sampled by its previous step). Workers never
+append what they sampled themselves: the output rank's sample is a proposal that becomes part of
+the request when the coordinator sends it back. So every rank, every pipeline stage (which never
+samples unless it is the last) and every TP rank, holds the same token ids, by construction. This
+holds for every layout, pp=1 included (one rule, one code path; the cost is an int per decode).
+
+Pipelining (pp > 1): up to pp plans are in flight at once, each a disjoint group of requests; a
+request is in at most one in-flight plan (the scheduler skips it until its result is back), so its
+previous token is always known when it is scheduled again. Every worker (each stage, each TP rank)
+executes plans strictly in submission order, and each touches only its own layers' slice of a KV
+block. That is why the coordinator may free the blocks of a request aborted while in flight at
+once: the in-flight plan's writes to them happen, on every worker, before those of any later plan
+that gives them to a new owner; the late result of the aborted request is discarded.
+
+A preempted request is dropped through `finished_ids` and later re-sent whole as a `NewRequest`
+carrying its prompt and every token generated so far (recompute).
 """
 
 from __future__ import annotations
@@ -57,11 +72,12 @@ class CachedRequest:
     req_id: RequestId
     num_computed_tokens: int
     new_block_ids: tuple[BlockId, ...]
+    new_token_ids: tuple[int, ...] = ()  # tokens sampled since the request was last sent (see above)
 
 
 @dataclass(frozen=True, slots=True)
 class StepPlan:
-    step_id: int
+    step_id: int  # unique and increasing; results come back under it
     new_requests: tuple[NewRequest, ...] = ()
     cached_requests: tuple[CachedRequest, ...] = ()
     # Batch order: req_id -> tokens to compute this step (new and cached requests both appear).
@@ -86,6 +102,8 @@ class TokenLogprobs:
 
 @dataclass(frozen=True, slots=True)
 class StepResult:
+    """From the output rank (TP rank 0 of the last stage); other ranks return an empty one."""
+
     step_id: int
     sampled: dict[RequestId, int] = field(default_factory=dict)
     logprobs: dict[RequestId, TokenLogprobs] = field(default_factory=dict)

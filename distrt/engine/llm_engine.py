@@ -1,6 +1,14 @@
 """The coordinator: scheduler + global KV allocator + tokenizer around an executor.
 
     step():  plan = scheduler.schedule();  result = executor.execute(plan);  scheduler.update(plan, result)
+
+With pipeline parallelism the executor takes up to pp plans at once (`max_concurrent_steps`), so
+`step()` first tops the pipeline up (submits plans while fewer than pp are in flight and the
+scheduler has something), then waits for the oldest and applies it:
+
+    in flight:  [k, k+1]  --wait k, update-->  [k+1]  --schedule, submit k+2-->  [k+1, k+2]  ...
+
+With pp == 1 that is exactly one submit and one wait per step, as before.
 """
 
 from __future__ import annotations
@@ -8,6 +16,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,8 +26,8 @@ from distrt.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from distrt.engine.request import Request
 from distrt.engine.sampling_params import SamplingParams
 from distrt.engine.scheduler import Scheduler
-from distrt.executor.base import EngineDeadError, Executor
-from distrt.messages import RequestId
+from distrt.executor.base import EngineDeadError, Executor, StepHandle
+from distrt.messages import RequestId, StepPlan
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +60,10 @@ class LLMEngine:
             )
         executor.init_kv_cache(num_blocks)
         self.allocator = KVAllocator(num_blocks, bs)
-        self.scheduler = Scheduler(config.scheduler, self.allocator)
+        self.max_in_flight = max(1, executor.max_concurrent_steps)
+        self.scheduler = Scheduler(config.scheduler, self.allocator, self.max_in_flight)
+        self._in_flight: deque[tuple[StepPlan, StepHandle]] = deque()
+        self.max_in_flight_seen = 0  # the most plans ever in flight at once (pipeline occupancy)
         self._rng = random.Random(config.seed)
         self._groups: dict[str, _Group] = {}
         self._child_to_group: dict[RequestId, _Group] = {}
@@ -124,7 +136,8 @@ class LLMEngine:
                 self._child_to_group.pop(c.request_id, None)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._groups)
+        """True while a request is unfinished or a plan (maybe of aborted requests) is in flight."""
+        return bool(self._groups) or bool(self._in_flight)
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -133,11 +146,18 @@ class LLMEngine:
     # -- the loop ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         self._check_alive()
-        plan = self.scheduler.schedule()
-        if plan.is_empty and not plan.finished_ids:
-            return []
         try:
-            result = self.executor.execute(plan)
+            while len(self._in_flight) < self.max_in_flight:
+                plan = self.scheduler.schedule()
+                if plan.is_empty and not plan.finished_ids:
+                    break
+                self._in_flight.append((plan, self.executor.execute_async(plan)))
+                self.max_in_flight_seen = max(self.max_in_flight_seen, len(self._in_flight))
+            if not self._in_flight:
+                return []
+            plan, handle = self._in_flight[0]
+            result = self.executor.wait(handle)
+            self._in_flight.popleft()
         except BaseException as e:  # a dead worker fails everything in flight, and later calls
             self._fail_all(e)
             raise
@@ -226,6 +246,8 @@ class LLMEngine:
 
     def _fail_all(self, err: BaseException) -> None:
         self._dead = err
+        self._in_flight.clear()
+        self.scheduler.abandon_in_flight()
         for g in list(self._groups.values()):
             self.scheduler.finish_requests([c.request_id for c in g.children], "error")
         self._groups.clear()
@@ -235,4 +257,13 @@ class LLMEngine:
         self.allocator.check_integrity()
 
     def shutdown(self) -> None:
-        self.executor.shutdown()
+        """Collects plans still in flight (only aborted requests can be left in them), then stops the workers."""
+        try:
+            while self._in_flight and self._dead is None:
+                plan, handle = self._in_flight.popleft()
+                self.scheduler.update(plan, self.executor.wait(handle))
+        except Exception as e:
+            logger.warning("draining in-flight steps at shutdown: %s", e)
+        finally:
+            self._in_flight.clear()
+            self.executor.shutdown()

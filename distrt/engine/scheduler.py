@@ -5,6 +5,20 @@ admission order: a decode needs 1 token, an unfinished prefill its next chunk. W
 cannot hold a running request's next tokens, the newest running request is preempted (its blocks
 freed, to be recomputed later) until it fits. Waiting requests are admitted with what budget and
 blocks remain (their prompts chunked to fit), unless this step preempted anything.
+
+Pipeline parallelism (`max_in_flight` = pp > 1): up to that many plans (micro-batches) are in
+flight at once. A request in an in-flight plan is skipped until `update` returns its result, is
+never chosen as a preemption victim, and each micro-batch takes at most ceil(active / pp)
+requests, so the requests spread over pp disjoint groups that take turns:
+
+    pp=2, 6 decoding requests:   plan k   {a, b, c}  -> stage 0 -> stage 1 -> token back
+                                 plan k+1 {d, e, f}  ->            stage 0 -> stage 1 -> ...
+                                 plan k+2 {a, b, c}  (scheduled once plan k's tokens are back)
+
+If a request needs blocks that only in-flight requests could give back, it waits for them (no
+preemption). Aborting an in-flight request frees its blocks at once (messages.py says why that
+is safe) and its late result is discarded. With max_in_flight == 1 nothing is ever in flight while
+scheduling and all of this reduces to the plain loop.
 """
 
 from __future__ import annotations
@@ -41,16 +55,20 @@ class _Pending:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, allocator: KVAllocator) -> None:
+    def __init__(self, config: SchedulerConfig, allocator: KVAllocator, max_in_flight: int = 1) -> None:
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         self.config = config
         self.allocator = allocator
+        self.max_in_flight = max_in_flight
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[RequestId, Request] = {}
         self.stats = SchedulerStats()
         self._to_drop = _Pending()
         self._step_id = 0
-        self._sent: set[RequestId] = set()  # requests whose state the workers hold
+        self._sent: dict[RequestId, int] = {}  # requests whose state the workers hold -> tokens they hold
+        self._in_flight: dict[RequestId, int] = {}  # request -> step id of the plan it is in, until update()
 
     # -- requests in and out -------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -86,21 +104,34 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self.waiting)
 
+    @property
+    def num_in_flight(self) -> int:
+        """Requests in plans whose results are not back yet."""
+        return len(self._in_flight)
+
     # -- one step ---------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
         budget = self.config.max_num_batched_tokens
+        cap = self._micro_batch_cap()
         num_sched: dict[RequestId, int] = {}
         new_reqs: list[NewRequest] = []
         cached: list[CachedRequest] = []
         preempted = False
 
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and len(num_sched) < cap:
             req = self.running[i]
+            if req.request_id in self._in_flight:
+                i += 1
+                continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             new_blocks = self.allocator.allocate(req.request_id, req.num_computed_tokens + n)
             while new_blocks is None:
-                victim = self.running.pop()
+                j = self._victim_index(i)
+                if j == i and self._in_flight:
+                    preempted = True  # in-flight requests hold the blocks; wait for them to come back
+                    break
+                victim = self.running.pop(j)
                 self._preempt(victim)
                 preempted = True
                 if victim is req:
@@ -109,14 +140,16 @@ class Scheduler:
             if new_blocks is None:
                 break
             if req.request_id in self._sent:
-                cached.append(CachedRequest(req.request_id, req.num_computed_tokens, tuple(new_blocks)))
+                cached.append(CachedRequest(req.request_id, req.num_computed_tokens, tuple(new_blocks),
+                                            self._unsent_tokens(req)))
             else:
                 new_reqs.append(self._new_request(req))
             num_sched[req.request_id] = n
             budget -= n
             i += 1
 
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
+        while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted
+               and len(num_sched) < cap):
             req = self.waiting[0]
             remaining = req.num_tokens - req.num_computed_tokens
             if remaining > budget and not self.config.enable_chunked_prefill:
@@ -132,6 +165,8 @@ class Scheduler:
             budget -= n
 
         self._step_id += 1
+        for rid in num_sched:
+            self._in_flight[rid] = self._step_id
         drop, self._to_drop = tuple(self._to_drop.ids), _Pending()
         return StepPlan(
             step_id=self._step_id,
@@ -147,9 +182,10 @@ class Scheduler:
         got_token: list[Request] = []
         finished: list[Request] = []
         for rid, n in plan.num_scheduled_tokens.items():
-            req = self.requests.get(rid)
-            if req is None or req.status is not RequestStatus.RUNNING:
-                continue  # finished or preempted meanwhile; the worker's sample is discarded
+            if self._in_flight.get(rid) != plan.step_id:
+                continue  # finished (aborted) while in flight, maybe re-added since: the result is stale
+            del self._in_flight[rid]
+            req = self.requests[rid]
             req.num_computed_tokens += n
             self.stats.prompt_tokens += max(0, min(n, req.num_prompt_tokens - (req.num_computed_tokens - n)))
             token = result.sampled.get(rid)
@@ -167,8 +203,32 @@ class Scheduler:
         return got_token, finished
 
     # -- internals ----------------------------------------------------------------------------
+    def abandon_in_flight(self) -> None:
+        """The executor lost the in-flight plans (the engine is dead): nothing will come back."""
+        self._in_flight.clear()
+
+    def _micro_batch_cap(self) -> int:
+        """Requests per plan: all of them, or with pp plans in flight an even share of the active ones."""
+        if self.max_in_flight == 1:
+            return self.config.max_num_seqs
+        active = min(len(self.running) + len(self.waiting), self.config.max_num_seqs)
+        return max(1, -(-active // self.max_in_flight))
+
+    def _victim_index(self, i: int) -> int:
+        """The newest running request at index >= i that is not in flight (at worst running[i])."""
+        for j in range(len(self.running) - 1, i, -1):
+            if self.running[j].request_id not in self._in_flight:
+                return j
+        return i
+
+    def _unsent_tokens(self, req: Request) -> tuple[int, ...]:
+        """Tokens the workers lack (see messages.py): what came back since the request was last sent."""
+        held = self._sent[req.request_id]
+        self._sent[req.request_id] = req.num_tokens
+        return tuple(req.output_token_ids[held - req.num_prompt_tokens:]) if held < req.num_tokens else ()
+
     def _new_request(self, req: Request) -> NewRequest:
-        self._sent.add(req.request_id)
+        self._sent[req.request_id] = req.num_tokens
         p = req.params
         suppress = () if p.min_tokens == 0 else tuple(set(p.stop_token_ids or ()) | (set() if p.ignore_eos else set(req.eos_token_ids)))
         spec = SamplingSpec(
@@ -209,6 +269,6 @@ class Scheduler:
         del self.requests[req.request_id]
 
     def _forget(self, rid: RequestId) -> None:
-        if rid in self._sent:
-            self._sent.discard(rid)
+        self._in_flight.pop(rid, None)
+        if self._sent.pop(rid, None) is not None:
             self._to_drop.ids.append(rid)

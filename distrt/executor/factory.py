@@ -29,8 +29,7 @@ def resolve_executor_name(name: str, world_size: int) -> str:
 
 def create_executor(config: EngineConfig) -> Executor:
     name = config.parallel.executor
-    if config.parallel.pipeline_parallel_size > 1:
-        raise ValueError("pipeline_parallel_size > 1 is not yet supported in this build")
+    config.parallel.stage_layers(config.model.num_layers)  # a bad pipeline split fails here, not on a worker
     if name == "local":
         from distrt.executor.local import LocalExecutor
 

@@ -9,6 +9,10 @@
 
 Every wait has a deadline (the step watchdog): a worker that raises, dies, or hangs in a collective
 fails the engine with EngineDeadError, and the worker job is killed.
+
+With pipeline parallelism `execute_async` only sends the plan; results come back over the link in
+submission order and `wait` reads up to the one it wants. Any other call first collects every
+result still in flight, so replies never interleave with step results.
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from typing import Any
 
 from distrt.config import EngineConfig
-from distrt.executor.base import EngineDeadError, Executor
+from distrt.executor.base import EngineDeadError, Executor, StepHandle
 from distrt.executor.mpi_worker import QueueLink, worker_loop
 from distrt.messages import StepPlan, StepResult
 
@@ -50,6 +55,8 @@ class MpiExecutor(Executor):
         self._dead: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._closed = False
+        self._pending: deque[int] = deque()  # step ids sent, results not read yet (submission order)
+        self._results: dict[int, StepResult] = {}  # read ahead of their wait()
         if under_mpi_launcher() and _mpi_world_size() > 1:
             self._start_launched()
         else:
@@ -131,8 +138,21 @@ class MpiExecutor(Executor):
     def _call(self, op: str, *args: Any, timeout: float | None = None) -> Any:
         if self._dead is not None:
             raise EngineDeadError(self._dead)
-        self.link.send((op, args))
+        while self._pending:
+            self._read_next_result()
+        self._send((op, args))
         return self._wait(timeout or self.config.parallel.init_timeout_s, op)
+
+    def _send(self, msg: Any) -> None:
+        try:
+            self.link.send(msg)
+        except (EOFError, OSError) as e:
+            self._die(f"sending {msg[0]}: the MPI worker job closed its link ({self._exit_text()}): {e}")
+
+    def _read_next_result(self) -> None:
+        step_id = self._pending[0]
+        self._results[step_id] = self._wait(self.config.parallel.step_timeout_s, f"step {step_id}")
+        self._pending.popleft()
 
     # -- Executor ------------------------------------------------------------------------------
     def determine_num_blocks(self) -> int:
@@ -141,8 +161,28 @@ class MpiExecutor(Executor):
     def init_kv_cache(self, num_blocks: int) -> None:
         self._call("init_kv_cache", num_blocks)
 
+    @property
+    def max_concurrent_steps(self) -> int:
+        return self.config.parallel.pipeline_parallel_size
+
     def execute(self, plan: StepPlan) -> StepResult:
-        return self._call("execute", plan, timeout=self.config.parallel.step_timeout_s)
+        return self.wait(self.execute_async(plan))
+
+    def execute_async(self, plan: StepPlan) -> StepHandle:
+        if self._dead is not None:
+            raise EngineDeadError(self._dead)
+        self._send(("execute", (plan,)))
+        self._pending.append(plan.step_id)
+        return StepHandle(plan.step_id)
+
+    def wait(self, handle: StepHandle) -> StepResult:
+        while handle.step_id not in self._results:
+            if self._dead is not None:
+                raise EngineDeadError(self._dead)
+            if handle.step_id not in self._pending:
+                raise ValueError(f"step {handle.step_id} was never submitted, or its result was already taken")
+            self._read_next_result()
+        return self._results.pop(handle.step_id)
 
     def inject_fault(self, rank: int, kind: str, at_step: int = 1) -> None:
         """Test hook: worker `rank` hangs / raises / exits from its `at_step`-th next step."""

@@ -5,6 +5,15 @@ coordinator is rank 0 of an mpirun job) and relays over MPI:
     coordinator --link--> rank 0 --MPI bcast (op, args)--> every rank
     every rank  --MPI gather (or the output rank's send)--> rank 0 --link--> coordinator
 
+With pipeline parallelism (pp > 1) several plans are in flight and the stages work on different
+ones, so nothing on the step path may be collective across stages: rank 0 hands each command to
+every rank with a non-blocking send (each rank receives them in order), and a forwarding thread
+on rank 0 relays the output rank's step results to the coordinator while rank 0 itself already
+runs its stage of the next plan:
+
+    coordinator --link--> rank 0 --isend (op, args)--> rank r   (each rank: recv, run, next)
+    output rank --send result--> rank 0's forwarder thread --link--> coordinator
+
 A rank that raises aborts the MPI job (no silent retry); the coordinator sees the link close, or
 its watchdog fires if a collective hangs, and fails the engine.
 """
@@ -15,6 +24,7 @@ import argparse
 import os
 import queue
 import sys
+import threading
 import traceback
 from typing import Any, Protocol
 
@@ -74,6 +84,69 @@ def _local_rank(rank: int) -> int:
     return rank
 
 
+class _LockedLink:
+    """Rank 0's link when two threads (the loop and the result forwarder) send on it."""
+
+    def __init__(self, link: Link) -> None:
+        self.link = link
+        self.lock = threading.Lock()
+
+    def send(self, obj: Any) -> None:
+        with self.lock:
+            self.link.send(obj)
+
+    def recv(self) -> Any:
+        return self.link.recv()
+
+    def poll(self, timeout: float) -> bool:
+        return self.link.poll(timeout)
+
+
+class _ResultForwarder:
+    """Rank 0, pp > 1: relays the output rank's step results, in order, to the coordinator."""
+
+    def __init__(self, comm: Any, source: int, link: Link) -> None:
+        self.comm, self.source, self.link = comm, source, link
+        self.tickets: queue.SimpleQueue[bool] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="distrt-mpi-results")
+        self.thread.start()
+
+    def expect(self) -> None:
+        self.tickets.put(True)
+
+    def close(self) -> None:
+        self.tickets.put(False)
+        self.thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while self.tickets.get():
+            self.link.send(("ok", self.comm.recv(source=self.source)))
+
+
+class _Commands:
+    """How commands reach every rank: a bcast when one plan is in flight at a time (pp == 1), else
+    point-to-point sends from rank 0 that never wait for a rank still busy with an earlier plan."""
+
+    def __init__(self, ctrl: Any, rank: int, link: Link | None, pipelined: bool) -> None:
+        self.ctrl, self.rank, self.link, self.pipelined = ctrl, rank, link, pipelined
+        self.sending: list[Any] = []  # rank 0's unfinished isends (each holds its pickled command)
+
+    def next(self) -> tuple[str, tuple[Any, ...]]:
+        if not self.pipelined:
+            return self.ctrl.bcast(self.link.recv() if self.rank == 0 else None, root=0)  # type: ignore[union-attr]
+        if self.rank != 0:
+            return self.ctrl.recv(source=0)
+        cmd = self.link.recv()  # type: ignore[union-attr]
+        self.sending = [r for r in self.sending if not r.Test()]
+        self.sending += [self.ctrl.isend(cmd, dest=r) for r in range(1, self.ctrl.Get_size())]
+        return cmd
+
+    def flush(self) -> None:
+        for r in self.sending:
+            r.wait()
+        self.sending = []
+
+
 def worker_loop(world: Any, link: Link | None, config: Any = None) -> None:
     """Run by every rank of the worker job; `link` on rank 0 only. Returns after "shutdown"."""
     from distrt.executor.worker_host import WorkerHost, output_rank
@@ -82,25 +155,41 @@ def worker_loop(world: Any, link: Link | None, config: Any = None) -> None:
     ctrl = world.Dup()
     config = ctrl.bcast(link.recv() if rank == 0 else None, root=0) if config is None else config
     out = output_rank(config)
+    pipelined = config.parallel.pipeline_parallel_size > 1
     host = WorkerHost(config, rank)
+    results = ctrl.Dup() if pipelined else None  # output rank -> rank 0, one message per step
+    forwarder: _ResultForwarder | None = None
     try:
         init_host_comm(host, world)
         pids = ctrl.gather(os.getpid(), root=0)
         if rank == 0:
+            if pipelined:
+                link = _LockedLink(link)  # type: ignore[arg-type]
+                forwarder = _ResultForwarder(results, out, link)
             link.send(("ok", pids))  # type: ignore[union-attr]
+        commands = _Commands(ctrl, rank, link, pipelined)
         while True:
-            op, args = ctrl.bcast(link.recv() if rank == 0 else None, root=0)  # type: ignore[union-attr]
+            op, args = commands.next()
+            if op == "execute" and forwarder is not None:
+                forwarder.expect()
             result = getattr(host, op)(*args)
             if op == "execute":
-                if out != 0 and rank == out:
-                    ctrl.send(result, dest=0)
-                if rank == 0:
-                    link.send(("ok", result if out == 0 else ctrl.recv(source=out)))  # type: ignore[union-attr]
+                if pipelined:
+                    if rank == out:
+                        results.send(result, dest=0)
+                else:
+                    if out != 0 and rank == out:
+                        ctrl.send(result, dest=0)
+                    if rank == 0:
+                        link.send(("ok", result if out == 0 else ctrl.recv(source=out)))  # type: ignore[union-attr]
             else:
                 replies = ctrl.gather(result, root=0)
                 if rank == 0:
                     link.send(("ok", replies))  # type: ignore[union-attr]
             if op == "shutdown":
+                commands.flush()
+                if forwarder is not None:
+                    forwarder.close()
                 return
     except BaseException as e:
         text = f"MPI worker rank {rank}: {type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}"
@@ -111,8 +200,8 @@ def worker_loop(world: Any, link: Link | None, config: Any = None) -> None:
                 pass
         sys.stderr.write(text)
         sys.stderr.flush()
-        if isinstance(link, QueueLink):  # launched mode: rank 0 is the coordinator's process; keep it
-            return
+        if isinstance(link, QueueLink) or isinstance(getattr(link, "link", None), QueueLink):
+            return  # launched mode: rank 0 is the coordinator's process; keep it
         world.Abort(1)
 
 

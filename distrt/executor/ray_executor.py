@@ -3,6 +3,10 @@
 The per-step channel is a Ray compiled graph (plan in, results out, shared-memory / NCCL channels
 set up once), which costs ~0.1 ms per step instead of ~1 ms for plain actor calls; `channel="actor"`
 keeps plain calls (for comparison). Every wait carries the step watchdog's timeout.
+
+With pipeline parallelism up to pp plans are in flight: `execute_async` submits without waiting
+(a compiled-graph execution, or one actor call per worker numbered so the threaded actors run
+them in order) and `wait` gets the result of one.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import time
 from typing import Any
 
 from distrt.config import EngineConfig
-from distrt.executor.base import EngineDeadError, Executor
+from distrt.executor.base import EngineDeadError, Executor, StepHandle
 from distrt.executor.worker_host import WorkerHost, output_rank
 from distrt.messages import StepPlan, StepResult
 
@@ -30,8 +34,11 @@ class RayExecutor(Executor):
         self.world = config.parallel.world_size
         self.timeout = step_timeout_s if step_timeout_s is not None else config.parallel.step_timeout_s
         self._started_ray = False
+        self.pp = config.parallel.pipeline_parallel_size
+        self._seq = 0  # actor channel: plans numbered in submission order
         if not ray.is_initialized():
-            ray.init(address=address, include_dashboard=False, log_to_driver=True,
+            # address None: start a Ray of our own ("local"), never join whatever cluster this host runs
+            ray.init(address=address or "local", include_dashboard=False, log_to_driver=True,
                      **({} if address else {"num_cpus": max(self.world + 1, 2)}))
             self._started_ray = address is None
         gpu = config.device.is_cuda
@@ -46,7 +53,7 @@ class RayExecutor(Executor):
         actor_cls = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0)(WorkerHost)
         self.workers = [
             actor_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
-                placement_group=self.pg, placement_group_bundle_index=i), max_concurrency=2).remote(config, i)
+                placement_group=self.pg, placement_group_bundle_index=i), max_concurrency=1 + self.pp).remote(config, i)
             for i in range(self.world)
         ]
         self._dag: Any = None
@@ -74,9 +81,12 @@ class RayExecutor(Executor):
     def _compile(self, ray: Any) -> None:
         from ray.dag import InputNode, MultiOutputNode
 
+        from ray.dag.context import DAGContext
+
         with InputNode() as plan:
             dag = MultiOutputNode([w.execute.bind(plan) for w in self.workers])
-        self._dag = dag.experimental_compile()
+        inflight = max(self.pp, DAGContext.get_current().max_inflight_executions)
+        self._dag = dag.experimental_compile(_max_inflight_executions=inflight)
 
     def _all(self, method: str, *args: Any) -> list[Any]:
         import ray
@@ -90,25 +100,44 @@ class RayExecutor(Executor):
     def init_kv_cache(self, num_blocks: int) -> None:
         self._all("init_kv_cache", num_blocks)
 
+    @property
+    def max_concurrent_steps(self) -> int:
+        return self.pp
+
     def execute(self, plan: StepPlan) -> StepResult:
+        return self.wait(self.execute_async(plan))
+
+    def execute_async(self, plan: StepPlan) -> StepHandle:
+        if self._dead is not None:
+            raise EngineDeadError(f"a worker failed earlier: {self._dead}")
+        try:
+            if self._dag is not None:
+                return StepHandle(plan.step_id, self._dag.execute(plan))
+            self._seq += 1
+            return StepHandle(plan.step_id, [w.execute.remote(plan, self._seq) for w in self.workers])
+        except BaseException as e:
+            self._fail(plan.step_id, e)
+            raise  # unreachable: _fail raises
+
+    def wait(self, handle: StepHandle) -> StepResult:
         import ray
 
         if self._dead is not None:
             raise EngineDeadError(f"a worker failed earlier: {self._dead}")
         try:
-            if self._dag is not None:
-                results = ray.get(self._dag.execute(plan), timeout=self.timeout)
-            else:
-                results = ray.get([w.execute.remote(plan) for w in self.workers], timeout=self.timeout)
+            results = ray.get(handle.ref, timeout=self.timeout)
         except BaseException as e:
-            self._dead = e
-            kind = "timed out (a collective or a worker hung)" if "imeout" in type(e).__name__ else "failed"
-            self._kill_workers()
-            raise EngineDeadError(f"step {plan.step_id} {kind} after up to {self.timeout:.0f}s: "
-                                  f"{type(e).__name__}: {e}") from e
+            self._fail(handle.step_id, e)
         result = results[self._out]
         assert result is not None
         return result
+
+    def _fail(self, step_id: int, e: BaseException) -> None:
+        self._dead = e
+        kind = "timed out (a collective or a worker hung)" if "imeout" in type(e).__name__ else "failed"
+        self._kill_workers()
+        raise EngineDeadError(f"step {step_id} {kind} after up to {self.timeout:.0f}s: "
+                              f"{type(e).__name__}: {e}") from e
 
     def inject_fault(self, rank: int, kind: str, at_step: int = 1) -> None:
         import ray

@@ -1,8 +1,9 @@
 """A worker in its own process (a Ray actor or an MPI rank): builds the world communicator, its
 TP/PP sub-communicators and its model shard, then executes StepPlans.
 
-Every rank samples the same tokens (logits are all-gathered, sampling is a pure function of them
-and the seed), so each keeps its own request state; only the output rank's result goes back.
+Only the output rank (TP rank 0 of the last pipeline stage) samples, and only its result goes
+back; every rank learns the sampled tokens from the next plan (messages.py), so all keep the same
+request state. Plans run in the order they were submitted, which pipelining relies on.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ class WorkerHost:
         self.worker: Any = None
         self._fault: tuple[str, int] | None = None
         self._steps = 0
+        self._turn = threading.Condition()
+        self._next_seq = 1
 
     # -- bootstrap (each call is collective across ranks where noted) -------------------------
     def address(self) -> tuple[str, int]:
@@ -108,7 +111,21 @@ class WorkerHost:
     def init_kv_cache(self, num_blocks: int) -> None:
         self.worker.init_kv_cache(num_blocks)
 
-    def execute(self, plan: StepPlan) -> StepResult | None:
+    def execute(self, plan: StepPlan, seq: int | None = None) -> StepResult | None:
+        """Runs a plan. Callers that may deliver plans concurrently (Ray actor calls on a threaded
+        actor) number them 1, 2, ... in `seq`, and each waits here for its turn."""
+        if seq is None:
+            return self._execute(plan)
+        with self._turn:
+            self._turn.wait_for(lambda: self._next_seq == seq)
+        try:
+            return self._execute(plan)
+        finally:
+            with self._turn:
+                self._next_seq += 1
+                self._turn.notify_all()
+
+    def _execute(self, plan: StepPlan) -> StepResult | None:
         self._steps += 1
         if self._fault is not None and self._steps >= self._fault[1]:
             kind = self._fault[0]

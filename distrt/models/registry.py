@@ -5,11 +5,16 @@ from __future__ import annotations
 from torch import nn
 
 from distrt.models.llama import LlamaForCausalLM
+from distrt.models.mixtral import MixtralForCausalLM
+from distrt.models.qwen_moe import Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
 
 _REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
 }
 
 

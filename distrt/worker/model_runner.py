@@ -1,5 +1,9 @@
 """Runs one forward over a ragged batch (prefill chunks and decodes together) on one device,
-reading and writing the paged KV cache, and samples the requests whose sequence it completed."""
+reading and writing the paged KV cache, and samples the requests whose sequence it completed.
+
+With pipeline parallelism it runs its stage only: a later stage takes (hidden, residual) from the
+previous stage instead of embedding ids, an earlier stage sends them on instead of sampling
+(worker/pipeline.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from distrt.layers.sampler import Sampler, SamplerOutput, SamplerRow
 from distrt.models.model_loader import build_model
 from distrt.models.shard import ShardContext
 from distrt.worker.cuda_graph import DecodeGraphs
+from distrt.worker.pipeline import StageLink
 from distrt.worker.request_state import RequestState
 
 logger = logging.getLogger(__name__)
@@ -94,6 +99,9 @@ class ModelRunner:
         """Decode CUDA graphs for batch sizes up to max_num_seqs (CUDA only, unless enforce_eager)."""
         if self.device.type != "cuda" or self.config.enforce_eager:
             return
+        if self.ctx.pp_size > 1:  # the graphs start from ids and end in logits: one whole-model stage only
+            logger.info("pipeline stage %d runs decode eagerly (no CUDA graphs with pp > 1)", self.ctx.pp_rank)
+            return
         max_blocks = -(-self.config.scheduler.max_model_len // self.config.cache.block_size)
         self.graphs = DecodeGraphs(self.model, self.kv_caches, self.config.scheduler.max_num_seqs, max_blocks,
                                    self.device)
@@ -169,11 +177,39 @@ class ModelRunner:
         return self.model.compute_logits(hidden[inputs.sample_token_idx])
 
     @torch.inference_mode()
-    def execute(self, states: list[RequestState], num_tokens: list[int]) -> tuple[list[int], SamplerOutput]:
-        """Forward the batch; returns (indices of states that got a token, sampler output)."""
+    def forward_stage(self, inputs: BatchInputs, link: StageLink | None) -> torch.Tensor | None:
+        """A pipeline stage's share of the forward: logits of the sampled rows on the last stage,
+        None elsewhere (after sending the activations on). Without a link (profiling) a later stage
+        starts from zeros and an earlier one keeps its output."""
+        first, last = self.ctx.is_first_stage, self.ctx.is_last_stage
+        hidden = residual = None
+        if not first:
+            t = inputs.positions.shape[0]
+            if link is not None:
+                hidden, residual = link.recv(t)
+            else:
+                hidden = torch.zeros(t, self.config.model.hidden_size, dtype=self.ctx.dtype, device=self.device)
+                residual = torch.zeros_like(hidden)
+        hidden, residual = self.model(inputs.input_ids if first else None, inputs.positions, self.kv_caches,
+                                      inputs.meta, hidden=hidden, residual=residual)
+        if not last:
+            if link is not None:
+                assert residual is not None
+                link.send(hidden, residual)
+            return None
+        return self.model.compute_logits(hidden[inputs.sample_token_idx])
+
+    @torch.inference_mode()
+    def execute(self, states: list[RequestState], num_tokens: list[int], link: StageLink | None = None,
+                sample: bool = True) -> tuple[list[int], SamplerOutput]:
+        """Forward the batch; returns (indices of states that got a token, sampler output). Only the
+        last stage has logits; only where `sample` (the output rank) are they turned into tokens."""
         inputs = self.prepare(states, num_tokens)
-        logits = self.forward_logits(inputs)
-        if not inputs.sample_rows:
+        if self.ctx.pp_size == 1:
+            logits = self.forward_logits(inputs)
+        else:
+            logits = self.forward_stage(inputs, link)
+        if logits is None or not sample or not inputs.sample_rows:
             return [], SamplerOutput([], [])
         rows = []
         for i in inputs.sample_rows:

@@ -1,4 +1,4 @@
-"""What a worker keeps per request between steps (it appends the tokens it samples itself)."""
+"""What a worker keeps per request between steps (tokens arrive in the plans: see messages.py)."""
 
 from __future__ import annotations
 

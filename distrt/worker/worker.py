@@ -1,5 +1,9 @@
-"""A worker: one model shard, its slice of the KV pool, and the per-request state it needs to
-execute StepPlans. One per GPU (or per CPU rank in tests)."""
+"""A worker: one model shard (its TP slice of its pipeline stage's layers), its slice of the KV
+pool, and the per-request state it needs to execute StepPlans. One per GPU (or per CPU rank in tests).
+
+Token ids come only from the plans (messages.py): a worker appends the `new_token_ids` the
+coordinator sends, never its own samples, so every stage and TP rank holds the same tokens.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from distrt.config import EngineConfig
 from distrt.messages import RequestId, StepPlan, StepResult, TokenLogprobs
 from distrt.models.shard import ShardContext
 from distrt.worker.model_runner import ModelRunner, resolve_dtype
+from distrt.worker.pipeline import StageLink
 from distrt.worker.request_state import RequestState
 
 
@@ -25,9 +30,13 @@ class Worker:
                 dev = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(dev)
         torch.manual_seed(config.seed)
+        split = config.parallel.stage_layers(config.model.num_layers) if pp_size > 1 else None
         self.ctx = ShardContext(dtype=resolve_dtype(config.model.dtype), device=dev, tp_rank=tp_rank, tp_size=tp_size,
-                                pp_rank=pp_rank, pp_size=pp_size, tp_comm=tp_comm, pp_comm=pp_comm)
+                                pp_rank=pp_rank, pp_size=pp_size, tp_comm=tp_comm, pp_comm=pp_comm, layer_split=split)
         self.runner = ModelRunner(config, self.ctx)
+        self.link = StageLink(pp_comm, config.model.hidden_size, self.ctx.dtype) if pp_size > 1 else None
+        # the output rank (TP rank 0 of the last stage) samples; the others' tokens would only be discarded
+        self.samples = self.ctx.is_last_stage and tp_rank == 0
         self.states: dict[RequestId, RequestState] = {}
 
     def determine_num_blocks(self) -> int:
@@ -45,24 +54,29 @@ class Worker:
         for c in plan.cached_requests:
             st = self.states[c.req_id]
             st.block_ids.extend(c.new_block_ids)
+            st.token_ids.extend(c.new_token_ids)
             if st.num_computed_tokens != c.num_computed_tokens:
                 raise RuntimeError(f"worker out of sync on {c.req_id}: {st.num_computed_tokens} != {c.num_computed_tokens}")
         states = [self.states[rid] for rid in plan.num_scheduled_tokens]
-        return states, list(plan.num_scheduled_tokens.values())
+        counts = list(plan.num_scheduled_tokens.values())
+        for st, n in zip(states, counts):
+            if st.num_computed_tokens + n > len(st.token_ids):
+                raise RuntimeError(f"worker out of sync on {st.req_id}: {n} tokens scheduled after "
+                                   f"{st.num_computed_tokens}, but it holds {len(st.token_ids)}")
+        return states, counts
 
     def execute(self, plan: StepPlan) -> StepResult:
         t0 = time.perf_counter()
         states, counts = self.apply_plan(plan)
         if not states:
             return StepResult(plan.step_id)
-        rows, out = self.runner.execute(states, counts)
+        rows, out = self.runner.execute(states, counts, self.link, self.samples)
         for st, n in zip(states, counts):
             st.num_computed_tokens += n
         sampled: dict[RequestId, int] = {}
         logprobs: dict[RequestId, TokenLogprobs] = {}
         for row, tok, lp in zip(rows, out.token_ids, out.logprobs):
             st = states[row]
-            st.token_ids.append(tok)
             sampled[st.req_id] = tok
             if lp is not None:
                 logprobs[st.req_id] = TokenLogprobs(lp[0], tuple(lp[1]), tuple(lp[2]))

@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in SUBCOMMANDS:
         add(sub)
+    from distrt.config_file import install_config_option
+
+    install_config_option(parser)  # --config FILE on generate and bench (serve has its own)
     return parser
 
 
@@ -120,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args = build_parser().parse_args(argv)
     try:
+        from distrt.config_file import apply_config_file
+
+        args = apply_config_file(args)  # fills what the command line left unset: --config, then defaults
         return int(args.func(args) or 0)
     except ValueError as e:
         print(f"distrt: error: {e}", file=sys.stderr)

@@ -205,8 +205,11 @@ def _report(a: argparse.Namespace, metrics: dict[str, float], details: dict[str,
         write_result(a.out, metrics, details)
         print(f"wrote {a.out}")
     if a.plot:
-        plot(a.plot)
-        print(f"wrote {a.plot}")
+        try:
+            plot(a.plot)
+            print(f"wrote {a.plot}")
+        except ImportError:
+            print("matplotlib is not installed (pip install 'distrt[bench]'); no plot written")
 
 
 def _plot_bars(path: str, metrics: dict[str, float]) -> None:

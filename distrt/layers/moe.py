@@ -237,6 +237,6 @@ class FusedMoE(nn.Module):
 
     def take_expert_load(self) -> torch.Tensor:
         """Tokens routed to each logical expert since the last call (int64 [E], on the host); clears."""
-        out = self.expert_load.cpu()
+        out = self.expert_load.to("cpu", copy=True)
         self.expert_load.zero_()
         return out

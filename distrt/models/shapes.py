@@ -25,6 +25,7 @@ SHAPES: dict[str, dict[str, Any]] = {
                            {**_LLAMA3_ROPE, "factor": 32.0}, 500000.0, tie=True),
     "llama-2-7b": _llama(4096, 11008, 32, 32, 32, 32000, 4096, None, 10000.0),
     "smollm2-135m": _llama(576, 1536, 30, 9, 3, 49152, 8192, None, 100000.0, tie=True),
+    "llama-tiny": _llama(64, 128, 2, 4, 2, 512, 2048, None, 10000.0),  # smoke tests
 }
 
 PREFIX = "shape:"

@@ -10,7 +10,7 @@ from distrt.cli import main
 
 def test_bench_throughput_writes_json_and_plot(tmp_path: os.PathLike) -> None:
     out, png = os.path.join(tmp_path, "t.json"), os.path.join(tmp_path, "t.png")
-    rc = main(["bench", "throughput", "--shape", "smollm2-135m", "--device", "cpu", "--dtype", "float32",
+    rc = main(["bench", "throughput", "--shape", "llama-tiny", "--device", "cpu", "--dtype", "float32",
                "--input-len", "8", "--output-len", "4", "--num-prompts", "4", "--baseline", "generate",
                "--hf-batch-size", "4", "--out", out, "--plot", png])
     assert rc == 0
@@ -25,7 +25,7 @@ def test_bench_throughput_writes_json_and_plot(tmp_path: os.PathLike) -> None:
 
 def test_bench_latency_rows(tmp_path: os.PathLike) -> None:
     out = os.path.join(tmp_path, "l.json")
-    assert main(["bench", "latency", "--shape", "smollm2-135m", "--device", "cpu", "--dtype", "float32",
+    assert main(["bench", "latency", "--shape", "llama-tiny", "--device", "cpu", "--dtype", "float32",
                  "--input-len", "8", "--output-len", "4", "--batch-sizes", "1,2", "--out", out]) == 0
     rows = json.load(open(out))["details"]["rows"]
     assert [r["batch"] for r in rows] == [1, 2]

@@ -109,6 +109,9 @@ class Scheduler:
         """Requests in plans whose results are not back yet."""
         return len(self._in_flight)
 
+    def is_in_flight(self, rid: RequestId) -> bool:
+        return rid in self._in_flight
+
     # -- one step ---------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
         budget = self.config.max_num_batched_tokens

@@ -72,69 +72,77 @@ def _slot_weights_ok(layer: FusedMoE, w: dict[str, Any]) -> bool:
     return True
 
 
-def layer_rank_main(rank: int, world: int, init: str, eps: list[int], q: Any) -> None:
-    """For each ep in eps and both dispatch modes: the layer's output; then, with 2 redundant slots,
-    the output before and after two rebalances (weights moved by send/recv)."""
+def rank_main(rank: int, world: int, init: str, eps: list[int], paths: dict[str, str],
+              configs: list[tuple[int, str, int]], q: Any) -> None:
+    """One spawned rank: the layer checks, then the model checks; puts {check: result} on q."""
     from distrt.parallel.comm_torch_dist import TorchDistComm
 
+    torch.set_num_threads(1)  # several ranks share a few test cores
     comm = TorchDistComm.create(rank, world, init)
-    out: dict[str, Any] = {}
     try:
-        w = full_weights()
-        for ep in eps:
-            etp = world // ep
-            ep_comm = comm if ep == world else comm.split([[a * ep + r for r in range(ep)] for a in range(etp)])
-            for dispatch in ("allreduce", "all2all"):
-                layer = make_layer(w, tp_rank=rank, tp_size=world, ep_size=ep, comm=comm, ep_comm=ep_comm,
-                                   dispatch=dispatch)
-                out[f"ep{ep}-{dispatch}"] = layer(w["x"]).tolist()
-                out[f"ep{ep}-{dispatch}-load"] = layer.take_expert_load().tolist()
-            if ep == 1:
-                continue
-            layer = make_layer(w, tp_rank=rank, tp_size=world, ep_size=ep, comm=comm, ep_comm=ep_comm, redundant=ep)
-            steps = [layer(w["x"]).tolist()]
-            tables = [layer.placement.slot_to_expert]
-            for hot in ((0, 1), (5,)):
-                new = layer.placement.rebalance(skewed_counts(hot))
-                layer.apply_placement(new)
-                steps.append(layer(w["x"]).tolist())
-                layer.dispatch = "all2all"
-                steps.append(layer(w["x"]).tolist())
-                layer.dispatch = "allreduce"
-                tables.append(layer.placement.slot_to_expert)
-            out[f"ep{ep}-rebalance"] = steps
-            out[f"ep{ep}-tables"] = tables
-            out[f"ep{ep}-slots-ok"] = _slot_weights_ok(layer, w)
+        out = layer_checks(rank, world, comm, eps)
+        out.update(model_checks(rank, world, comm, paths, configs))
         q.put((rank, out))
     finally:
         comm.destroy()
 
 
-def model_rank_main(rank: int, world: int, init: str, paths: dict[str, str], configs: list[tuple[int, str, int]],
-                    q: Any) -> None:
+def layer_checks(rank: int, world: int, comm: Any, eps: list[int]) -> dict[str, Any]:
+    """For each ep in eps and both dispatch modes: the layer's output; then, with ep redundant slots,
+    the output before and after two rebalances (weights moved by send/recv)."""
+    out: dict[str, Any] = {}
+    w = full_weights()
+    for ep in eps:
+        etp = world // ep
+        ep_comm = comm if ep == world else comm.split([[a * ep + r for r in range(ep)] for a in range(etp)])
+        for dispatch in ("allreduce", "all2all"):
+            layer = make_layer(w, tp_rank=rank, tp_size=world, ep_size=ep, comm=comm, ep_comm=ep_comm,
+                               dispatch=dispatch)
+            out[f"ep{ep}-{dispatch}"] = layer(w["x"]).tolist()
+            out[f"ep{ep}-{dispatch}-load"] = layer.take_expert_load().tolist()
+        if ep == 1:
+            continue
+        layer = make_layer(w, tp_rank=rank, tp_size=world, ep_size=ep, comm=comm, ep_comm=ep_comm, redundant=ep)
+        steps = [layer(w["x"]).tolist()]
+        tables = [layer.placement.slot_to_expert]
+        for hot in ((0, 1), (5,)):
+            new = layer.placement.rebalance(skewed_counts(hot))
+            layer.apply_placement(new)
+            steps.append(layer(w["x"]).tolist())
+            layer.dispatch = "all2all"
+            steps.append(layer(w["x"]).tolist())
+            layer.dispatch = "allreduce"
+            tables.append(layer.placement.slot_to_expert)
+        out[f"ep{ep}-rebalance"] = steps
+        out[f"ep{ep}-tables"] = tables
+        out[f"ep{ep}-slots-ok"] = _slot_weights_ok(layer, w)
+    return out
+
+
+def model_checks(rank: int, world: int, comm: Any, paths: dict[str, str],
+                 configs: list[tuple[int, str, int]]) -> dict[str, Any]:
     """Prefill logits of each checkpoint under each (ep, dispatch, redundant slots) with tp = world;
     with redundant slots, again after rebalancing every MoE layer to the load that prefill recorded."""
-    from distrt.parallel.comm_torch_dist import TorchDistComm
     from moe_testutil import MoeShardContext, shard_prefill_logits
 
-    comm = TorchDistComm.create(rank, world, init)
     out: dict[str, Any] = {}
-    try:
-        for name, path in paths.items():
-            for ep, dispatch, redundant in configs:
-                ctx = MoeShardContext(dtype=torch.float32, device=torch.device("cpu"), tp_rank=rank, tp_size=world,
-                                      tp_comm=comm, ep_size=ep, num_redundant_experts=redundant,
-                                      moe_dispatch=dispatch)
-                key = f"{name}-ep{ep}-{dispatch}-r{redundant}"
-                logits, runner = shard_prefill_logits(path, ctx, return_runner=True)
-                out[key] = [t.tolist() for t in logits]
-                if redundant:
-                    model = runner.model
-                    for i, counts in model.take_expert_load().items():
-                        new = model.moe_layers()[i].placement.rebalance(counts.tolist())
-                        model.apply_expert_placement(i, new)
-                    again = shard_prefill_logits(path, ctx, runner=runner)
-                    out[key + "-rebalanced"] = [t.tolist() for t in again]
-        q.put((rank, out))
-    finally:
-        comm.destroy()
+    for name, path in paths.items():
+        for ep, dispatch, redundant in configs:
+            ctx = MoeShardContext(dtype=torch.float32, device=torch.device("cpu"), tp_rank=rank, tp_size=world,
+                                  tp_comm=comm, ep_size=ep, num_redundant_experts=redundant,
+                                  moe_dispatch=dispatch)
+            key = f"{name}-ep{ep}-{dispatch}-r{redundant}"
+            logits, runner = shard_prefill_logits(path, ctx, return_runner=True)
+            out[key] = [t.tolist() for t in logits]
+            if redundant:
+                model = runner.model
+                moves = 0
+                for i, counts in model.take_expert_load().items():
+                    old = model.moe_layers()[i].placement
+                    new = old.rebalance(counts.tolist())
+                    moves += len(old.moves_to(new))
+                    model.apply_expert_placement(i, new)
+                out[key + "-moves"] = moves
+                again = shard_prefill_logits(path, ctx, runner=runner)
+                out[key + "-rebalanced"] = [t.tolist() for t in again]
+    return out

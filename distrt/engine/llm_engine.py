@@ -175,7 +175,21 @@ class LLMEngine:
             g = self._child_to_group.get(req.request_id)
             if g is not None:
                 touched[g.request_id] = g
-        return [self._emit(g) for g in touched.values()]
+        outs = [self._emit(g) for g in touched.values()]
+        if self._in_flight and not self._groups:
+            self._drain()  # what is left in flight holds no live request: collect it so the engine is idle
+        return outs
+
+    def _drain(self) -> None:
+        try:
+            while self._in_flight:
+                plan, handle = self._in_flight[0]
+                result = self.executor.wait(handle)
+                self._in_flight.popleft()
+                self.scheduler.update(plan, result)
+        except BaseException as e:
+            self._fail_all(e)
+            raise
 
     def _detokenize(self, req: Request) -> None:
         prev_len = len(req.output_text)
@@ -259,11 +273,10 @@ class LLMEngine:
     def shutdown(self) -> None:
         """Collects plans still in flight (only aborted requests can be left in them), then stops the workers."""
         try:
-            while self._in_flight and self._dead is None:
-                plan, handle = self._in_flight.popleft()
-                self.scheduler.update(plan, self.executor.wait(handle))
+            if self._dead is None:
+                self._drain()
         except Exception as e:
-            logger.warning("draining in-flight steps at shutdown: %s", e)
+            logger.warning("collecting in-flight steps at shutdown: %s", e)
         finally:
             self._in_flight.clear()
             self.executor.shutdown()

@@ -47,11 +47,14 @@ def _prefill_rel_errors(llm: LLM, hf: torch.nn.Module) -> list[float]:
 
 
 def _hf_greedy(hf: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
-    ids = list(prompt)
+    """Argmax decoding with transformers' own KV cache (EOS ignored, like ignore_eos)."""
+    out: list[int] = []
     with torch.no_grad():
+        step = hf(torch.tensor([prompt]), use_cache=True)
         for _ in range(n):
-            ids.append(int(hf(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt):]
+            out.append(int(step.logits[0, -1].argmax()))
+            step = hf(torch.tensor([[out[-1]]]), past_key_values=step.past_key_values, use_cache=True)
+    return out
 
 
 @pytest.mark.parametrize("name", ARCHS)

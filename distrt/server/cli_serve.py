@@ -44,12 +44,6 @@ def add_serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.set_defaults(func=run_serve)
 
 
-def add_bench_serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Adds `bench` with a `serve` subcommand; if `bench` exists already, use add_bench_serve_subcommand."""
-    bench = sub.add_parser("bench", help="benchmarks")
-    add_bench_serve_subcommand(bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True))
-
-
 def add_bench_serve_subcommand(bench_sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from distrt.bench.serve import add_arguments, run_from_args
 

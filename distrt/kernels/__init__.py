@@ -18,10 +18,11 @@ from distrt.kernels.kv_cache import write_kv_cache, write_kv_cache_ref
 from distrt.kernels.norm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
 from distrt.kernels.paged_attention import paged_attention_decode, paged_attention_prefill, paged_attention_ref
 from distrt.kernels.rotary import apply_rotary, apply_rotary_ref, build_rope_cache
+from distrt.kernels.fused_moe import fused_moe_op, fused_moe_ref  # noqa: E402,F401
 
 __all__ = [
     "use_triton", "write_kv_cache_op", "attention_op", "rms_norm_op", "fused_add_rms_norm_op",
-    "apply_rotary_op", "silu_and_mul_op", "build_rope_cache",
+    "apply_rotary_op", "silu_and_mul_op", "build_rope_cache", "fused_moe_op",
 ]
 
 

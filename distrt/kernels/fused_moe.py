@@ -63,7 +63,7 @@ def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
         tok, j = torch.nonzero(topk_ids == e, as_tuple=True)
         h = x[tok].float() @ w13[e].float().t()  # [n, 2I]
         y = (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]) @ w2[e].float().t()  # [n, H]
-        out.index_add_(0, tok, y * topk_weights[tok, j].unsqueeze(1))
+        out.index_put_((tok,), y * topk_weights[tok, j].unsqueeze(1), accumulate=True)
     return out.to(x.dtype)
 
 

@@ -1,7 +1,10 @@
 """A MoE layer's routed experts: router, top-k, experts sharded over EP x ETP ranks, and the combine.
 
-Attention stays tensor parallel, so after its all-reduce every rank of the TP group holds the same
-activations [T, H]. The TP group's ranks are split ep_size x etp_size (parallel/state.py):
+Attention stays tensor parallel across the EP group (EP lives inside the TP group and never grows
+the world, parallel/state.py): every rank keeps its TP slice of the KV cache and the coordinator
+schedules one batch per stage. Data-parallel attention would need one KV pool and batch per DP rank,
+which the scheduler does not do. So after attention's all-reduce every rank of the TP group holds
+the same activations [T, H], and its ranks are split ep_size x etp_size:
 
     tp_rank = etp_rank * ep_size + ep_rank
     EP shard ep_rank  holds physical slots [ep_rank * S_local, (ep_rank + 1) * S_local)
@@ -18,13 +21,15 @@ caller's one all-reduce (which a shared expert's partial sum joins) finishes it.
 
 Two dispatch modes, equal up to rounding:
   "allreduce" (default): every rank runs its slots on ALL tokens routed to them (the activations
-      are already replicated, so no dispatch traffic); zeros elsewhere. One all-reduce of [T, H]
-      combines, the same collective a dense TP MLP ends with, and it is CUDA-graph capturable.
+      are already replicated, so nothing needs dispatching); zeros elsewhere. The all-reduce of
+      [T, H] that a dense TP MLP ends with anyway combines. No host sync: CUDA-graph capturable.
   "all2all": EP rank r takes token chunk r, sends each (token, expert) pair to the EP rank holding
       its slot (comm.all_to_all, uneven splits), gets the weighted expert outputs back and writes
-      its chunk of the partial. Same compute per rank; traffic ~ (T*k/ep) * H instead of T * H,
-      which pays off only once attention is data parallel (distrt keeps it tensor parallel). It
-      reads split sizes on the host, so it runs eagerly (no CUDA graphs).
+      its chunk of the partial; the same TP all-reduce then re-replicates the output for the next
+      attention. Same expert compute per rank, but extra traffic while attention is tensor
+      parallel: it is the dispatch a data-parallel-attention layout would keep (and drop the
+      all-reduce). It reads split sizes on the host, so while a CUDA graph is being captured the
+      layer takes the all-reduce path (decode graphs) and all2all runs in eager steps.
 
 Routing counts per logical expert accumulate in `expert_load` (int64 [E], on the device) for the
 coordinator's placement; `take_expert_load()` reads and clears them.
@@ -55,6 +60,10 @@ def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -
     return weights, ids
 
 
+def _capturing(x: torch.Tensor) -> bool:
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 class ReplicatedLinear(nn.Module):
     """The router: small, the same full weight on every rank."""
 
@@ -67,6 +76,8 @@ class ReplicatedLinear(nn.Module):
 
 
 class FusedMoE(nn.Module):
+    """One MoE layer's router and routed experts on this rank (see the module docstring)."""
+
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, *,
                  renormalize: bool, dtype: torch.dtype, tp_rank: int = 0, tp_size: int = 1, ep_size: int = 1,
                  tp_comm: Any = None, ep_comm: Any = None, num_redundant_experts: int = 0,
@@ -198,7 +209,7 @@ class FusedMoE(nn.Module):
         weights, ids = select_experts(self.gate(x), self.top_k, self.renormalize)  # [T, k] each
         self.expert_load.scatter_add_(0, ids.reshape(-1), torch.ones_like(ids.reshape(-1)))
         slots = self._physical_slots(ids)  # [T, k]
-        if self.dispatch == "all2all" and self.ep_size > 1:
+        if self.dispatch == "all2all" and self.ep_size > 1 and not _capturing(x):
             return self._all2all(x, weights, slots)
         local = slots - self.ep_rank * self.slots_per_rank
         local = torch.where((local >= 0) & (local < self.slots_per_rank), local, -1)  # -1: another rank's
@@ -232,7 +243,7 @@ class FusedMoE(nn.Module):
                          meta_recv[:, :1].long())  # [m, H], weighted
         y_back = torch.cat(comm.all_to_all(list(y.split(recv_counts)), [(c, hidden) for c in send_counts]))
         out = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=x.device)
-        out[lo:hi].index_add_(0, tok, y_back.float())
+        out[lo:hi].index_put_((tok,), y_back.float(), accumulate=True)  # (index_add_ crawls on busy CPUs)
         return out.to(x.dtype)
 
     def take_expert_load(self) -> torch.Tensor:

@@ -32,13 +32,13 @@ import torch
 from torch import nn
 
 from distrt.config import ModelConfig
+from distrt.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from distrt.layers.moe import Dispatch, FusedMoE
 from distrt.layers.norm import RMSNorm
-from distrt.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from distrt.layers.rotary import RotaryEmbedding
 from distrt.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
 from distrt.models.shard import ShardContext
-from distrt.parallel.experts import ExpertPlacement
+from distrt.parallel.experts import ExpertPlacement, moe_layers_of, num_experts_of
 
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weight$")
 _STACKED_EXPERTS = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
@@ -117,8 +117,10 @@ class MoeCausalLM(LlamaForCausalLM):
         raise NotImplementedError
 
     def num_experts(self) -> int:
-        hf = self.cfg.hf_config
-        return int(hf.get("num_local_experts") or hf.get("num_experts"))
+        return num_experts_of(self.cfg.hf_config)
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return layer_idx in moe_layers_of(self.cfg.hf_config, self.cfg.num_layers)
 
     def moe_kwargs(self) -> dict[str, Any]:
         """FusedMoE arguments shared by every MoE layer of this rank."""

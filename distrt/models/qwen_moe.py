@@ -71,12 +71,6 @@ class Qwen2MoeForCausalLM(MoeCausalLM):
         # Qwen2-MoE's q/k/v always carry biases (config key qkv_bias since transformers 5)
         return dataclasses.replace(cfg, attention_bias=bool(hf.get("qkv_bias", hf.get("attention_bias", True))))
 
-    def is_moe_layer(self, layer_idx: int) -> bool:
-        hf = self.cfg.hf_config
-        step = int(hf.get("decoder_sparse_step", 1) or 1)
-        return (layer_idx not in (hf.get("mlp_only_layers") or []) and self.num_experts() > 0
-                and (layer_idx + 1) % step == 0)
-
     def _routed(self, cls: type[FusedMoE], **extra: object) -> FusedMoE:
         hf = self.cfg.hf_config
         return cls(self.num_experts(), int(hf["num_experts_per_tok"]), self.cfg.hidden_size,

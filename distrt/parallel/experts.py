@@ -10,7 +10,10 @@ move expert weights (`FusedMoE.apply_placement`) before they run that step.
     physical slot:     0  1  2  3 | 4  5  6  7
     rank:              0  0  0  0 | 1  1  1  1
     slot_to_expert:    0  1  2  3 | 4  5  0  1     initial: experts in order, then replicas of 0, 1
-    after rebalance:   0  4  2  3 | 5  0  1  0 ... (hot expert 0 replicated; each rank's load even)
+    tokens per expert (0..5): 10 10 10 10 60 10
+        rank loads  5 + 5 + 10 + 10 = 30 | 60 + 10 + 5 + 5 = 80          max/mean 1.45
+    after rebalance:   0  1  2  4 | 4  5  0  3     hot expert 4 on both ranks
+        rank loads  5 + 10 + 10 + 30 = 55 | 30 + 10 + 5 + 10 = 55        max/mean 1.0
 
 Invariants: every expert has >= 1 slot; a token routed to expert e goes to one of e's replicas
 (chosen by token index, so replicas share e's tokens evenly); ranks hold the same number of slots.
@@ -23,6 +26,22 @@ from __future__ import annotations
 import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
+
+
+def num_experts_of(hf_config: dict[str, Any]) -> int:
+    """Routed experts per MoE layer from a config.json dict (0: a dense model)."""
+    return int(hf_config.get("num_local_experts") or hf_config.get("num_experts") or 0)
+
+
+def moe_layers_of(hf_config: dict[str, Any], num_layers: int) -> list[int]:
+    """Indices of the MoE layers: all of them (Mixtral), or Qwen's rule: not in mlp_only_layers and
+    (i + 1) % decoder_sparse_step == 0. The coordinator keeps one ExpertPlacement per entry."""
+    if num_experts_of(hf_config) == 0:
+        return []
+    step = int(hf_config.get("decoder_sparse_step") or 1)
+    dense = set(hf_config.get("mlp_only_layers") or [])
+    return [i for i in range(num_layers) if i not in dense and (i + 1) % step == 0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,30 +141,36 @@ class ExpertPlacement:
         return max(loads) / mean if mean > 0 else 1.0
 
     # -- rebalancing -------------------------------------------------------------------------------
-    def rebalance(self, counts: Sequence[float] | None = None) -> ExpertPlacement:
+    def rebalance(self, counts: Sequence[float] | None = None, min_gain: float = 0.05) -> ExpertPlacement:
         """A new placement (epoch + 1, load cleared) for `counts` (default: the recorded load).
 
-        1. replicas: every expert gets one slot; each spare slot goes to the expert with the most
-           tokens per replica (at most ep_size replicas each while others can still grow);
+        1. replicas: every expert gets one slot; the first m spare slots go, one by one, to the expert
+           with the most tokens per replica (at most ep_size replicas each), the other spare slots to
+           the coldest experts (harmless fillers); every m is tried and the best packing kept;
         2. bin-packing: replicas in decreasing load, each onto the least-loaded rank with a free slot
            that does not hold the expert yet (LPT), then pairwise swaps off the busiest rank while
            they lower the maximum;
-        3. inside each rank an expert already there keeps its slot, so few weights move.
+        3. bins go to the ranks that already hold most of their experts, and inside a rank an expert
+           already there keeps its slot, so few weights move;
+        4. unless that lowers max/mean load by more than `min_gain`, the table stays as it is (no churn).
         """
         counts = list(self.load if counts is None else counts)
         if len(counts) != self.num_experts:
             raise ValueError(f"expected {self.num_experts} counts, got {len(counts)}")
         if sum(counts) <= 0:
             counts = [1.0] * self.num_experts
-        reps = _replica_counts(counts, self.num_slots, self.ep_size)
-        items = sorted(((counts[e] / reps[e], e) for e in range(self.num_experts) for _ in range(reps[e])),
-                       key=lambda it: (-it[0], it[1]))
-        bins = _pack(items, self.ep_size, self.slots_per_rank)
-        _improve(bins)
+        home = [self.experts_on_rank(r) for r in range(self.ep_size)]
+        bins = min((_packed(counts, reps, self.ep_size, self.slots_per_rank, home)
+                    for reps in _replica_choices(counts, self.num_slots, self.ep_size)),
+                   key=lambda b: max(sum(w for w, _ in rank) for rank in b))
+        ranked = _match_ranks([[e for _, e in b] for b in bins], home)
         table: list[int] = []
         for r in range(self.ep_size):
-            table.extend(_keep_slots(self.experts_on_rank(r), [e for _, e in bins[r]]))
-        return ExpertPlacement(self.num_experts, self.ep_size, table, epoch=self.epoch + 1)
+            table.extend(_keep_slots(self.experts_on_rank(r), ranked[r]))
+        new = ExpertPlacement(self.num_experts, self.ep_size, table, epoch=self.epoch + 1)
+        if new.max_over_mean_load(counts) > self.max_over_mean_load(counts) - min_gain:
+            return ExpertPlacement(self.num_experts, self.ep_size, self.slot_to_expert, epoch=self.epoch + 1)
+        return new
 
     def moves_to(self, new: ExpertPlacement) -> list[ExpertMove]:
         """The copies that turn this table's weights into `new`'s, in one order every rank agrees on.
@@ -173,6 +198,28 @@ class ExpertPlacement:
                 f"slots={self.slot_to_expert})")
 
 
+def _replica_choices(counts: Sequence[float], num_slots: int, ep_size: int) -> list[list[int]]:
+    """Replica counts with the first m spare slots spent on the hottest experts, for every m."""
+    spare = num_slots - len(counts)
+    coldest = sorted(range(len(counts)), key=lambda e: (counts[e], e))
+    out = []
+    for m in range(spare + 1):
+        reps = _replica_counts(counts, len(counts) + m, ep_size)
+        for i in range(spare - m):  # fillers: one more replica for each of the coldest experts, in turn
+            reps[coldest[i % len(coldest)]] += 1
+        out.append(reps)
+    return out
+
+
+def _packed(counts: Sequence[float], reps: list[int], num_bins: int, capacity: int,
+            home: Sequence[Sequence[int]]) -> list[list[tuple[float, int]]]:
+    items = sorted(((counts[e] / reps[e], e) for e in range(len(counts)) for _ in range(reps[e])),
+                   key=lambda it: (-it[0], it[1]))
+    bins = _pack(items, num_bins, capacity, home)
+    _improve(bins)
+    return bins
+
+
 def _replica_counts(counts: Sequence[float], num_slots: int, ep_size: int) -> list[int]:
     reps = [1] * len(counts)
     heap = [(-c, e) for e, c in enumerate(counts)]  # max tokens per replica first
@@ -192,13 +239,19 @@ def _replica_counts(counts: Sequence[float], num_slots: int, ep_size: int) -> li
     return reps
 
 
-def _pack(items: list[tuple[float, int]], num_bins: int, capacity: int) -> list[list[tuple[float, int]]]:
+def _pack(items: list[tuple[float, int]], num_bins: int, capacity: int,
+          home: Sequence[Sequence[int]] = ()) -> list[list[tuple[float, int]]]:
+    """LPT with capacities; an expert goes back to a bin in `home` (its rank now) when that costs at
+    most its own weight over the least-loaded choice (fewer moves; _improve trims the rest)."""
     bins: list[list[tuple[float, int]]] = [[] for _ in range(num_bins)]
     loads = [0.0] * num_bins
     for w, e in items:
         free = [b for b in range(num_bins) if len(bins[b]) < capacity]
-        fresh = [b for b in free if all(x != e for _, x in bins[b])]
-        b = min(fresh or free, key=lambda i: (loads[i], i))
+        fresh = [b for b in free if all(x != e for _, x in bins[b])] or free
+        b = min(fresh, key=lambda i: (loads[i], i))
+        stay = [i for i in fresh if i < len(home) and e in home[i] and loads[i] <= loads[b] + w]
+        if stay:
+            b = min(stay, key=lambda i: (loads[i], i))
         bins[b].append((w, e))
         loads[b] += w
     return bins
@@ -229,6 +282,19 @@ def _improve(bins: list[list[tuple[float, int]]], max_rounds: int = 1000) -> Non
         bins[hi][i], bins[lo][j] = (wb, eb), (wa, ea)
         loads[hi] += wb - wa
         loads[lo] += wa - wb
+
+
+def _match_ranks(bins: list[list[int]], current: list[Sequence[int]]) -> list[list[int]]:
+    """Gives each bin to a rank (greedily, most experts already there first): bins are interchangeable."""
+    pairs = sorted(((-sum(min(b.count(e), list(cur).count(e)) for e in set(b)), bi, r)
+                    for bi, b in enumerate(bins) for r, cur in enumerate(current)))
+    out: list[list[int] | None] = [None] * len(current)
+    used: set[int] = set()
+    for _, bi, r in pairs:
+        if bi not in used and out[r] is None:
+            out[r] = bins[bi]
+            used.add(bi)
+    return [b for b in out if b is not None]
 
 
 def _keep_slots(old: Sequence[int], experts: list[int]) -> list[int]:

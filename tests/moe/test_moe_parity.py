@@ -18,7 +18,7 @@ from tiny_models import load_hf_model
 
 ARCHS = list(MOE_ARCHS)
 PROMPT_LENS = (5, 17, 33, 9)
-NEW_TOKENS = 24
+NEW_TOKENS = 32
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
 
 
@@ -108,3 +108,25 @@ def test_moe_model_reports_expert_load(moe_ckpts: dict[str, str]) -> None:
     top_k = MOE_ARCHS["qwen3_moe"]["num_experts_per_tok"]
     assert int(load[1].sum()) == sum(PROMPT_LENS) * top_k  # one prefill step, every (token, choice) pair
     assert int(model.take_expert_load()[1].sum()) == 0
+
+
+def test_shard_reads_only_its_stage_and_experts(moe_ckpts: dict[str, str]) -> None:
+    """Pipeline stage 1 of 2, EP rank 1 of 2 (tp 2): only layer 2's MoE and experts 3..5 are built/read."""
+    from distrt.config import ModelConfig
+    from distrt.models.loader import load_hf_config
+    from distrt.models.model_loader import build_model
+    from moe_testutil import MoeShardContext
+
+    path = moe_ckpts["qwen2_moe"]  # 3 layers, 6 experts, layer 1 dense
+    cfg = ModelConfig.from_hf_dict(load_hf_config(path), path=path, kind="hf", dtype="float32")
+    ctx = MoeShardContext(dtype=torch.float32, device=torch.device("cpu"), tp_rank=1, tp_size=2, pp_rank=1,
+                          pp_size=2, ep_size=2)
+    model = build_model(cfg, ctx)
+    assert list(model.layers) == ["2"] and list(model.moe_layers()) == [2]
+    moe = model.moe_layers()[2]
+    assert moe.local_experts() == (3, 4, 5) and moe.w13.shape == (3, 2 * 32, 64)
+    wanted = model.checkpoint_names_wanted
+    assert wanted("model.layers.2.mlp.experts.4.up_proj.weight")
+    assert not wanted("model.layers.2.mlp.experts.1.up_proj.weight")
+    assert not wanted("model.layers.0.mlp.experts.4.up_proj.weight")
+    assert wanted("model.layers.2.mlp.shared_expert.down_proj.weight") and wanted("lm_head.weight")

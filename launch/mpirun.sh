@@ -4,8 +4,8 @@
 #
 #   launch/mpirun.sh [MPIRUN OPTIONS] -- DISTRT SUBCOMMAND [FLAGS]
 #
-#   # tp=2 on this host's CPUs, one greedy completion:
-#   launch/mpirun.sh -- generate --model default --tp 2 --device cpu --dtype float32 --prompt "The capital of France is"
+#   # tp=3 on this host's CPUs, one greedy completion:
+#   launch/mpirun.sh -- generate --model default --tp 3 --device cpu --dtype float32 --prompt "The capital of France is"
 #   # two 8-GPU hosts (MPICH hydra over ssh; same venv path on both), tp=8 x pp=2, server on the first host:
 #   launch/mpirun.sh -f hosts.txt -ppn 8 -- serve --model /models/Llama-3.1-70B --tp 8 --pp 2 --host 0.0.0.0
 #

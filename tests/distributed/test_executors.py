@@ -48,7 +48,7 @@ def _same(outs: list, ref: list) -> None:
 @pytest.fixture(scope="module")
 def ray_local() -> object:
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=4, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
     yield ray
     ray.shutdown()
 

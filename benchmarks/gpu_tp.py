@@ -25,11 +25,11 @@ from kernels_gpu import device_slug  # noqa: E402
 from results_io import write_result  # noqa: E402
 
 
-def _llm(shape: str, tp: int, executor: str, max_num_seqs: int, max_len: int) -> Any:
+def _llm(shape: str, tp: int, executor: str, max_num_seqs: int, max_len: int, pp: int = 1) -> Any:
     from distrt import LLM
 
     return LLM(f"shape:{shape}", dtype="bfloat16", device="cuda", tensor_parallel_size=tp, executor=executor,
-               max_model_len=max_len, max_num_seqs=max_num_seqs, kv_cache_memory=0.6)
+               pipeline_parallel_size=pp, max_model_len=max_len, max_num_seqs=max_num_seqs, kv_cache_memory=0.6)
 
 
 class _Timed:
@@ -151,12 +151,15 @@ def main() -> None:
     print("allreduce", ar, flush=True)
 
     runs: dict[str, dict[str, float]] = {}
-    for tp, ex in [(1, "local")] + [(2, e) for e in a.executors.split(",")]:
-        llm = _llm(a.shape, tp, ex, 256, 512)
+    layouts = [(1, 1, "local")] + [(2, 1, e) for e in a.executors.split(",")] + [(1, 2, "mpi")]
+    for tp, pp, ex in layouts:
+        name = f"tp{tp}_{ex}" if pp == 1 else f"pp{pp}_{ex}"
+        llm = _llm(a.shape, tp, ex, 256, 512, pp=pp)
         ms, ovh = bench_bs1(llm)
-        thr = bench_throughput(llm, a.requests) if ex in ("local", a.executors.split(",")[0]) else float("nan")
-        runs[f"tp{tp}_{ex}"] = {"bs1_ms_per_token": ms, "step_overhead_ms": ovh, "throughput_tok_s": thr}
-        print(f"tp{tp} {ex}", runs[f"tp{tp}_{ex}"], flush=True)
+        thr = (bench_throughput(llm, a.requests) if ex in ("local", a.executors.split(",")[0]) or pp > 1
+               else float("nan"))
+        runs[name] = {"bs1_ms_per_token": ms, "step_overhead_ms": ovh, "throughput_tok_s": thr}
+        print(name, runs[name], flush=True)
         llm.shutdown()
         del llm
         gc.collect()
@@ -172,6 +175,11 @@ def main() -> None:
     for ex in a.executors.split(","):
         metrics[f"step_overhead_ms_{ex}"] = runs[f"tp2_{ex}"]["step_overhead_ms"]
     metrics["step_overhead_ms_local"] = t1["step_overhead_ms"]
+    p2 = runs["pp2_mpi"]
+    metrics["pp2_bs1_ms_per_token"] = p2["bs1_ms_per_token"]
+    metrics["pp2_vs_pp1_bs1_latency"] = p2["bs1_ms_per_token"] / t1["bs1_ms_per_token"]
+    metrics["pp2_throughput_tok_s"] = p2["throughput_tok_s"]
+    metrics["pp2_vs_tp1_throughput"] = p2["throughput_tok_s"] / t1["throughput_tok_s"]
     details["runs"] = runs
     print(write_result(out, metrics, details))
 

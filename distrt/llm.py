@@ -147,7 +147,7 @@ class LLM:
         ids = []
         for p, sp in zip(prompts, params):
             rid = self.engine.next_request_id()
-            self.engine.add_request(rid, p, sp)
+            self.engine.add_request(rid, p, sp, stream=False)
             ids.append(rid)
         return self._run(ids, use_tqdm)
 

@@ -44,6 +44,7 @@ class _Group:
     children: list[Request]
     params: SamplingParams
     finished_children: set[int] = field(default_factory=set)
+    stream: bool = True  # False: only the final output is wanted (no per-step text, no per-step outputs)
 
 
 class LLMEngine:
@@ -103,7 +104,10 @@ class LLMEngine:
             raise ValueError(f"prompt has {len(ids)} tokens; it must be shorter than max_model_len={max_len} "
                              "to leave room for at least one generated token")
 
-    def add_request(self, request_id: str, prompt: PromptInput, params: SamplingParams | None = None) -> None:
+    def add_request(self, request_id: str, prompt: PromptInput, params: SamplingParams | None = None,
+                    stream: bool = True) -> None:
+        """stream=False (offline generate): text is decoded once at the end unless stop strings need it
+        per token, and step() reports the request only when it finishes."""
         self._check_alive()
         params = params or SamplingParams()
         params.validate()
@@ -119,7 +123,7 @@ class LLMEngine:
                                     eos_token_ids=self.config.model.eos_token_ids,
                                     max_model_len=self.config.scheduler.max_model_len, prompt=text,
                                     parent_id=request_id, index=i))
-        group = _Group(request_id, text, ids, children, params)
+        group = _Group(request_id, text, ids, children, params, stream=stream)
         for c in children:
             c.detok = self._make_detok(ids, params)
             self.scheduler.add_request(c)
@@ -167,15 +171,18 @@ class LLMEngine:
         for req in got_token:
             if req.first_token_time is None:
                 req.first_token_time = now
-            self._detokenize(req)
             g = self._child_to_group.get(req.request_id)
-            if g is not None:
+            if g is None:
+                continue
+            if g.stream or req.params.stop_strings:
+                self._detokenize(req)
+            if g.stream or req.is_finished:
                 touched[g.request_id] = g
         for req in finished:
             g = self._child_to_group.get(req.request_id)
             if g is not None:
                 touched[g.request_id] = g
-        outs = [self._emit(g) for g in touched.values()]
+        outs = [self._emit(g) for g in touched.values() if g.stream or all(c.is_finished for c in g.children)]
         if self._in_flight and not self._groups:
             self._drain()  # what is left in flight holds no live request: collect it so the engine is idle
         return outs

@@ -52,7 +52,7 @@ def test_tp2_mpi_nccl(setup: tuple) -> None:
 def test_tp2_ray_nccl(setup: tuple) -> None:
     ray = pytest.importorskip("ray")
     ckpt, hf = setup
-    ray.init(num_gpus=2, num_cpus=4, include_dashboard=False)
+    ray.init(address="local", num_gpus=2, num_cpus=4, include_dashboard=False)
     try:
         with LLM(ckpt, dtype="float32", device="cuda", max_model_len=1024, tensor_parallel_size=2,
                  executor="ray", kv_cache_memory=0.3) as llm:

@@ -10,9 +10,10 @@
 #   launch/mpirun.sh -f hosts.txt -ppn 8 -- serve --model /models/Llama-3.1-70B --tp 8 --pp 2 --host 0.0.0.0
 #
 # Everything before `--` goes to mpirun as is; without -n/-np the rank count is tp x pp from the
-# distrt flags. `--executor mpi` is added unless the flags name an executor. mpirun is the venv's
-# (pip's `mpich`: hydra) when present, else the first on PATH ($MPIRUN overrides); the interpreter
-# is the venv's python ($PYTHON overrides). Under Slurm use launch/slurm/distrt-mpi.sbatch instead.
+# distrt flags or the --config preset. `--executor mpi` is added unless the flags name an executor.
+# mpirun is the venv's (pip's `mpich`: hydra) when present, else the first on PATH ($MPIRUN
+# overrides); the interpreter is the venv's python ($PYTHON overrides). Under Slurm use
+# launch/slurm/distrt-mpi.sbatch instead.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -31,7 +32,7 @@ while (( $# )) && [[ "$1" != "--" ]]; do mpi_args+=("$1"); shift; done
 (( $# )) || { sed -n '2,18p' "${BASH_SOURCE[0]}" >&2; exit 2; }
 distrt_args=("$@")
 
-has_np=0; tp=1; pp=1; has_executor=0
+has_np=0; tp=; pp=; config=; has_executor=0
 for a in "${mpi_args[@]}"; do [[ "$a" == -n || "$a" == -np || "$a" == -n=* || "$a" == -np=* ]] && has_np=1; done
 for (( i = 0; i < ${#distrt_args[@]}; i++ )); do
     a=${distrt_args[i]}; next=${distrt_args[i + 1]:-}
@@ -40,10 +41,25 @@ for (( i = 0; i < ${#distrt_args[@]}; i++ )); do
         --tp=*|--tensor-parallel-size=*) tp=${a#*=} ;;
         --pp|--pipeline-parallel-size) pp=$next ;;
         --pp=*|--pipeline-parallel-size=*) pp=${a#*=} ;;
+        --config) config=$next ;;
+        --config=*) config=${a#*=} ;;
         --executor|--executor=*) has_executor=1 ;;
     esac
 done
-(( has_np )) || mpi_args=(-n "$(( tp * pp ))" "${mpi_args[@]}")
+if (( ! has_np )) && [[ -n "$config" && ( -z "$tp" || -z "$pp" ) ]]; then  # the layout of a --config preset
+    read -r file_tp file_pp < <("$PYTHON" - "$config" <<'EOF'
+import sys
+
+import yaml
+from distrt.config_file import find_preset
+
+d = {str(k).replace("-", "_"): v for k, v in (yaml.safe_load(open(find_preset(sys.argv[1]))) or {}).items()}
+print(d.get("tp", d.get("tensor_parallel_size", 1)), d.get("pp", d.get("pipeline_parallel_size", 1)))
+EOF
+    )
+    tp=${tp:-$file_tp}; pp=${pp:-$file_pp}
+fi
+(( has_np )) || mpi_args=(-n "$(( ${tp:-1} * ${pp:-1} ))" "${mpi_args[@]}")
 (( has_executor )) || distrt_args+=(--executor mpi)
 
 # Open MPI refuses to run as root without these; MPICH ignores them.

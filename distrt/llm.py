@@ -100,6 +100,13 @@ class LLM:
         elif not isinstance(max_model_len, int) or not 1 < max_model_len <= limit:
             raise ValueError(f"max_model_len must be an integer in [2, {limit}] for this model, got {max_model_len!r}")
         mcfg.check_tensor_parallel(tensor_parallel_size)
+        if not isinstance(expert_parallel_size, int) or expert_parallel_size < 1 or tensor_parallel_size % expert_parallel_size:
+            raise ValueError(f"expert_parallel_size ({expert_parallel_size}) must divide tensor_parallel_size "
+                             f"({tensor_parallel_size}): experts are split inside the tensor-parallel group")
+        num_experts = mcfg.hf_config.get("num_local_experts") or mcfg.hf_config.get("num_experts")
+        if expert_parallel_size > 1 and (not num_experts or num_experts % expert_parallel_size):
+            raise ValueError(f"expert_parallel_size={expert_parallel_size} needs a MoE model whose expert count "
+                             f"is divisible by it (this model has {num_experts or 'no'} experts)")
         parallel = ParallelConfig(tensor_parallel_size, pipeline_parallel_size, expert_parallel_size,
                                   resolve_executor_name(executor, tensor_parallel_size * pipeline_parallel_size),
                                   step_timeout_s=step_timeout_s,

@@ -19,6 +19,7 @@ class ShardContext:
     tp_comm: Any = None  # distrt.parallel.comm.Communicator when tp_size > 1
     pp_comm: Any = None  # when pp_size > 1
     layer_split: tuple[int, ...] | None = None  # layers per stage; None = even
+    ep_size: int = 1  # MoE experts split over ep ranks inside the TP group (see parallel/state.py)
 
     @property
     def is_first_stage(self) -> bool:

@@ -32,7 +32,8 @@ class Worker:
         torch.manual_seed(config.seed)
         split = config.parallel.stage_layers(config.model.num_layers) if pp_size > 1 else None
         self.ctx = ShardContext(dtype=resolve_dtype(config.model.dtype), device=dev, tp_rank=tp_rank, tp_size=tp_size,
-                                pp_rank=pp_rank, pp_size=pp_size, tp_comm=tp_comm, pp_comm=pp_comm, layer_split=split)
+                                pp_rank=pp_rank, pp_size=pp_size, tp_comm=tp_comm, pp_comm=pp_comm, layer_split=split,
+                                ep_size=config.parallel.expert_parallel_size)
         self.runner = ModelRunner(config, self.ctx)
         self.link = StageLink(pp_comm, config.model.hidden_size, self.ctx.dtype) if pp_size > 1 else None
         # the output rank (TP rank 0 of the last stage) samples; the others' tokens would only be discarded

@@ -29,7 +29,7 @@ fi
 mpi_args=()
 while (( $# )) && [[ "$1" != "--" ]]; do mpi_args+=("$1"); shift; done
 (( $# )) && shift  # the --
-(( $# )) || { sed -n '2,18p' "${BASH_SOURCE[0]}" >&2; exit 2; }
+(( $# )) || { sed -n '2,/^set -e/{/^#/p}' "${BASH_SOURCE[0]}" >&2; exit 2; }
 distrt_args=("$@")
 
 has_np=0; tp=; pp=; config=; has_executor=0

@@ -18,8 +18,9 @@
 # paths on the head node.
 #
 # Environment: WORKING_DIR (default: this checkout), RAY (the ray CLI; default the venv's),
-# RAY_AUTH_MODE/RAY_AUTH_TOKEN for clusters with token authentication (Ray >= 2.5x enables it by
-# default: if RAY_AUTH_MODE is unset and a token is at hand, token mode is used).
+# RAY_AUTH_MODE/RAY_AUTH_TOKEN for clusters with token authentication (Ray 2.60's `ray start` turns
+# it on when ~/.ray/auth_token exists): if RAY_AUTH_MODE is unset and a token is at hand, token mode
+# is used.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -40,7 +41,7 @@ while (( $# )) && [[ "$1" != "--" ]]; do
     submit_args+=("$1"); shift
 done
 (( $# )) && shift  # the --
-(( $# )) || { sed -n '2,20p' "${BASH_SOURCE[0]}" >&2; exit 2; }
+(( $# )) || { sed -n '2,/^set -e/{/^#/p}' "${BASH_SOURCE[0]}" >&2; exit 2; }
 [[ -n "$address" ]] || { echo "ray-submit.sh: give --address or set RAY_ADDRESS (http://head:8265 or head:6379)" >&2; exit 2; }
 distrt_args=("$@")
 has_executor=0

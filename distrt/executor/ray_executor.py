@@ -12,6 +12,7 @@ them in order) and `wait` gets the result of one.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -37,7 +38,9 @@ class RayExecutor(Executor):
         self.pp = config.parallel.pipeline_parallel_size
         self._seq = 0  # actor channel: plans numbered in submission order
         if not ray.is_initialized():
-            # address None: start a Ray of our own ("local"), never join whatever cluster this host runs
+            # RAY_ADDRESS (set by `ray job submit` and the launchers) names the cluster, as in Ray itself;
+            # with neither, start a Ray of our own ("local"), never join whatever cluster this host runs
+            address = address or os.environ.get("RAY_ADDRESS") or None
             ray.init(address=address or "local", include_dashboard=False, log_to_driver=True,
                      **({} if address else {"num_cpus": max(self.world + 1, 2)}))
             self._started_ray = address is None

@@ -43,8 +43,7 @@ def test_mpi_suite_under_mpirun(request: pytest.FixtureRequest) -> None:
         pytest.fail("mpirun timed out after 120 s\n" + "\n".join(partial))
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}\n{out}"
-    summaries = re.findall(r"^=* ?(\d+ passed.*?) ?=*$", out, flags=re.MULTILINE)
-    assert len(summaries) == 2, f"expected one summary per rank\n{out}"
-    for summary in summaries:
-        assert "skipped" not in summary and "failed" not in summary and "error" not in summary, out
-        assert int(summary.split()[0]) == 3, out
+    # the two ranks share stdout, so their summary lines may run together on one line
+    summaries = re.findall(r"(\d+) passed", out)
+    assert summaries == ["3", "3"], f"expected '3 passed' from each rank\n{out}"
+    assert not re.search(r"\d+ (skipped|failed|error)", out), out

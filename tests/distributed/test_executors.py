@@ -65,7 +65,7 @@ def test_mpi_tp_matches_tp1(ckpt: str, reference: list, tp: int) -> None:
         pids = llm._executor.worker_pids()  # type: ignore[attr-defined]
         assert len(pids) == tp
         _same(llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SP, use_tqdm=False), reference)
-    from dist_utils import wait_gone
+    from proc_utils import wait_gone
 
     assert wait_gone(pids, 20), "MPI workers left behind after shutdown"
 

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from distrt import LLM, EngineDeadError, SamplingParams
-from dist_utils import wait_gone
+from proc_utils import wait_gone
 from tiny_models import make_tiny_checkpoint
 
 LONG = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from distrt import LLM, SamplingParams
-from pp_checks import wait_gone
+from proc_utils import wait_gone
 from tiny_models import load_hf_model, make_tiny_checkpoint
 
 # 6 prompts: pp=2 runs micro-batches of 3, pp=3 of 2

@@ -1,3 +1,5 @@
+"""Process helpers for tests that start workers: is a pid alive, wait until pids are gone."""
+
 from __future__ import annotations
 
 import os

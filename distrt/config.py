@@ -125,6 +125,8 @@ class ParallelConfig:
     init_timeout_s: float = 900.0
     # layers per pipeline stage, e.g. (3, 5) for 8 layers on 2 stages; None: as even as possible
     pp_layer_split: tuple[int, ...] | None = None
+    num_redundant_experts: int = 0  # extra MoE expert slots for replicas of hot experts
+    expert_rebalance_interval: int = 0  # steps between load reports / rebalances (0: off)
 
     def __post_init__(self) -> None:
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size"):

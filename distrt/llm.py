@@ -86,6 +86,8 @@ class LLM:
         enforce_eager: bool = False,
         cluster: Any = None,
         step_timeout_s: float = 300.0,
+        num_redundant_experts: int = 0,
+        expert_rebalance_interval: int = 0,
     ) -> None:
         from distrt.executor.factory import create_executor, resolve_executor_name
 
@@ -109,7 +111,8 @@ class LLM:
                              f"is divisible by it (this model has {num_experts or 'no'} experts)")
         parallel = ParallelConfig(tensor_parallel_size, pipeline_parallel_size, expert_parallel_size,
                                   resolve_executor_name(executor, tensor_parallel_size * pipeline_parallel_size),
-                                  step_timeout_s=step_timeout_s,
+                                  step_timeout_s=step_timeout_s, num_redundant_experts=num_redundant_experts,
+                                  expert_rebalance_interval=expert_rebalance_interval,
                                   pp_layer_split=None if pp_layer_split is None else tuple(pp_layer_split))
         parallel.stage_layers(mcfg.num_layers)
         sched = SchedulerConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs,

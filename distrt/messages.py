@@ -76,6 +76,15 @@ class CachedRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class PlacementUpdate:
+    """A MoE layer's new expert table (physical slot -> logical expert), applied before the step."""
+
+    layer: int
+    epoch: int
+    slot_to_expert: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class StepPlan:
     step_id: int  # unique and increasing; results come back under it
     new_requests: tuple[NewRequest, ...] = ()
@@ -83,6 +92,8 @@ class StepPlan:
     # Batch order: req_id -> tokens to compute this step (new and cached requests both appear).
     num_scheduled_tokens: dict[RequestId, int] = field(default_factory=dict)
     finished_ids: tuple[RequestId, ...] = ()
+    expert_placements: tuple[PlacementUpdate, ...] = ()
+    collect_expert_load: bool = False  # report tokens per expert since the last report
 
     @property
     def total_tokens(self) -> int:
@@ -108,3 +119,4 @@ class StepResult:
     sampled: dict[RequestId, int] = field(default_factory=dict)
     logprobs: dict[RequestId, TokenLogprobs] = field(default_factory=dict)
     exec_time_s: float = 0.0  # the worker's time inside execute (step overhead = wall - this)
+    expert_load: dict[int, tuple[int, ...]] | None = None  # layer -> tokens per logical expert

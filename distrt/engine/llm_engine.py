@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from distrt.config import EngineConfig
+from distrt.engine.expert_balancer import ExpertBalancer
 from distrt.engine.kv_allocator import KVAllocator
 from distrt.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from distrt.engine.request import Request
@@ -63,6 +64,7 @@ class LLMEngine:
         self.allocator = KVAllocator(num_blocks, bs)
         self.max_in_flight = max(1, executor.max_concurrent_steps)
         self.scheduler = Scheduler(config.scheduler, self.allocator, self.max_in_flight)
+        self.experts = ExpertBalancer(config)
         self._in_flight: deque[tuple[StepPlan, StepHandle]] = deque()
         self.max_in_flight_seen = 0  # the most plans ever in flight at once (pipeline occupancy)
         self._rng = random.Random(config.seed)
@@ -155,6 +157,7 @@ class LLMEngine:
                 plan = self.scheduler.schedule()
                 if plan.is_empty and not plan.finished_ids:
                     break
+                plan = self.experts.decorate(plan)
                 self._in_flight.append((plan, self.executor.execute_async(plan)))
                 self.max_in_flight_seen = max(self.max_in_flight_seen, len(self._in_flight))
             if not self._in_flight:
@@ -165,6 +168,7 @@ class LLMEngine:
         except BaseException as e:  # a dead worker fails everything in flight, and later calls
             self._fail_all(e)
             raise
+        self.experts.observe(result)
         got_token, finished = self.scheduler.update(plan, result)
         touched: dict[str, _Group] = {}
         now = time.monotonic()

@@ -20,6 +20,7 @@ class ShardContext:
     pp_comm: Any = None  # when pp_size > 1
     layer_split: tuple[int, ...] | None = None  # layers per stage; None = even
     ep_size: int = 1  # MoE experts split over ep ranks inside the TP group (see parallel/state.py)
+    num_redundant_experts: int = 0
 
     @property
     def is_first_stage(self) -> bool:

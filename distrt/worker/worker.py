@@ -33,7 +33,8 @@ class Worker:
         split = config.parallel.stage_layers(config.model.num_layers) if pp_size > 1 else None
         self.ctx = ShardContext(dtype=resolve_dtype(config.model.dtype), device=dev, tp_rank=tp_rank, tp_size=tp_size,
                                 pp_rank=pp_rank, pp_size=pp_size, tp_comm=tp_comm, pp_comm=pp_comm, layer_split=split,
-                                ep_size=config.parallel.expert_parallel_size)
+                                ep_size=config.parallel.expert_parallel_size,
+                                num_redundant_experts=config.parallel.num_redundant_experts)
         self.runner = ModelRunner(config, self.ctx)
         self.link = StageLink(pp_comm, config.model.hidden_size, self.ctx.dtype) if pp_size > 1 else None
         # the output rank (TP rank 0 of the last stage) samples; the others' tokens would only be discarded
@@ -48,6 +49,8 @@ class Worker:
         self.runner.capture_graphs()
 
     def apply_plan(self, plan: StepPlan) -> tuple[list[RequestState], list[int]]:
+        if plan.expert_placements:
+            self._apply_expert_placements(plan)
         for rid in plan.finished_ids:
             self.states.pop(rid, None)
         for new in plan.new_requests:
@@ -66,11 +69,28 @@ class Worker:
                                    f"{st.num_computed_tokens}, but it holds {len(st.token_ids)}")
         return states, counts
 
+    def _apply_expert_placements(self, plan: StepPlan) -> None:
+        """Collective over the TP group: every rank gets the same updates and moves weights in step."""
+        from distrt.parallel.experts import ExpertPlacement
+
+        model = self.runner.model
+        mine = model.moe_layers()
+        for u in plan.expert_placements:
+            if u.layer in mine:
+                layer = mine[u.layer]
+                model.apply_expert_placement(u.layer, ExpertPlacement(layer.num_experts, self.ctx.ep_size,
+                                                                      u.slot_to_expert, u.epoch))
+
+    def _expert_load(self, plan: StepPlan) -> dict[int, tuple[int, ...]] | None:
+        if not plan.collect_expert_load or not hasattr(self.runner.model, "take_expert_load"):
+            return None
+        return {i: tuple(int(c) for c in counts.tolist()) for i, counts in self.runner.model.take_expert_load().items()}
+
     def execute(self, plan: StepPlan) -> StepResult:
         t0 = time.perf_counter()
         states, counts = self.apply_plan(plan)
         if not states:
-            return StepResult(plan.step_id)
+            return StepResult(plan.step_id, expert_load=self._expert_load(plan) if self.samples else None)
         rows, out = self.runner.execute(states, counts, self.link, self.samples)
         for st, n in zip(states, counts):
             st.num_computed_tokens += n
@@ -81,7 +101,9 @@ class Worker:
             sampled[st.req_id] = tok
             if lp is not None:
                 logprobs[st.req_id] = TokenLogprobs(lp[0], tuple(lp[1]), tuple(lp[2]))
-        return StepResult(plan.step_id, sampled, logprobs, time.perf_counter() - t0)
+        load = self._expert_load(plan)  # every rank clears its counts; the output rank reports them
+        return StepResult(plan.step_id, sampled, logprobs, time.perf_counter() - t0,
+                          expert_load=load if self.samples else None)
 
     def shutdown(self) -> None:
         self.states.clear()

@@ -80,3 +80,24 @@ def load_hf_model(path: str):  # type: ignore[no-untyped-def]
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+
+
+def hf_greedy(hf: Any, prompt: list[int], n: int) -> list[int]:
+    """transformers' greedy continuation, one full forward per token (the independent reference)."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(hf(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def assert_same_outputs(outs: list, ref: list, abs_tol: float = 1e-5) -> None:
+    """Same tokens, and the same top log-probabilities within abs_tol, request by request."""
+    import math
+
+    for o, r in zip(outs, ref, strict=True):
+        assert o.outputs[0].token_ids == r.outputs[0].token_ids
+        for lp, rlp in zip(o.outputs[0].logprobs, r.outputs[0].logprobs):
+            assert lp.keys() == rlp.keys()
+            for k in lp:
+                assert math.isclose(lp[k].logprob, rlp[k].logprob, abs_tol=abs_tol)

@@ -3,13 +3,11 @@ tokens as tp=1 and transformers, same log-probabilities; two Ray nodes; the Clus
 
 from __future__ import annotations
 
-import math
 
 import pytest
-import torch
 
 from distrt import LLM, Cluster, SamplingParams
-from tiny_models import load_hf_model, make_tiny_checkpoint
+from tiny_models import assert_same_outputs, hf_greedy, load_hf_model, make_tiny_checkpoint
 
 PROMPTS = [[5, 9, 3, 44, 17, 8, 100, 2, 61], list(range(3, 40)), [7] * 5]
 SP = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=5)
@@ -23,26 +21,13 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="module")
 def reference(ckpt: str) -> list:
     hf = load_hf_model(ckpt)
-    want = []
-    for p in PROMPTS:
-        ids = list(p)
-        with torch.no_grad():
-            for _ in range(SP.max_tokens):  # type: ignore[operator]
-                ids.append(int(hf(torch.tensor([ids])).logits[0, -1].argmax()))
-        want.append(ids[len(p):])
+    want = [hf_greedy(hf, p, SP.max_tokens) for p in PROMPTS]  # type: ignore[arg-type]
     llm = LLM(ckpt, dtype="float32", device="cpu", max_model_len=128)
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SP, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == want  # tp=1 == transformers
     return outs
 
 
-def _same(outs: list, ref: list) -> None:
-    for o, r in zip(outs, ref):
-        assert o.outputs[0].token_ids == r.outputs[0].token_ids
-        for lp, rlp in zip(o.outputs[0].logprobs, r.outputs[0].logprobs):
-            assert lp.keys() == rlp.keys()
-            for k in lp:
-                assert math.isclose(lp[k].logprob, rlp[k].logprob, abs_tol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +40,7 @@ def ray_local() -> object:
 
 def test_ray_tp2_matches_tp1(ckpt: str, reference: list, ray_local: object) -> None:
     with LLM(ckpt, dtype="float32", device="cpu", max_model_len=128, tensor_parallel_size=2, executor="ray") as llm:
-        _same(llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SP, use_tqdm=False), reference)
+        assert_same_outputs(llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SP, use_tqdm=False), reference)
         llm.engine.check_integrity()
 
 
@@ -64,7 +49,7 @@ def test_mpi_tp_matches_tp1(ckpt: str, reference: list, tp: int) -> None:
     with LLM(ckpt, dtype="float32", device="cpu", max_model_len=128, tensor_parallel_size=tp, executor="mpi") as llm:
         pids = llm._executor.worker_pids()  # type: ignore[attr-defined]
         assert len(pids) == tp
-        _same(llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SP, use_tqdm=False), reference)
+        assert_same_outputs(llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SP, use_tqdm=False), reference)
     from proc_utils import wait_gone
 
     assert wait_gone(pids, 20), "MPI workers left behind after shutdown"
@@ -85,7 +70,7 @@ def test_ray_two_nodes_workers_on_different_nodes(ckpt: str, reference: list) ->
             llm = LLM(ckpt, dtype="float32", device="cpu", max_model_len=128, tensor_parallel_size=2, cluster=cluster)
             nodes = llm._executor.worker_nodes()  # type: ignore[attr-defined]
             assert len(set(nodes)) == 2, nodes
-            _same(llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SP, use_tqdm=False), reference)
+            assert_same_outputs(llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SP, use_tqdm=False), reference)
     finally:
         ray.shutdown()
         rc.shutdown()

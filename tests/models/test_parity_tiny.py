@@ -9,6 +9,7 @@ from distrt import LLM, SamplingParams
 from distrt.worker.request_state import RequestState
 from distrt.messages import SamplingSpec
 from tiny_models import ARCH_DEFAULTS, load_hf_model, make_tiny_checkpoint
+from tiny_models import hf_greedy as greedy_reference
 
 ARCHS = list(ARCH_DEFAULTS)
 PROMPT_LENS = (5, 17, 33, 9)
@@ -26,20 +27,12 @@ def _prompts(vocab: int) -> list[list[int]]:
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in PROMPT_LENS]
 
 
-def _hf_greedy(hf: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(hf(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt):]
-
-
 @pytest.fixture(scope="module")
 def hf_greedy(ckpts: dict[str, str]) -> dict[str, list[list[int]]]:
     out = {}
     for name, path in ckpts.items():
         hf = load_hf_model(path)
-        out[name] = [_hf_greedy(hf, p, NEW_TOKENS) for p in _prompts(hf.config.vocab_size)]
+        out[name] = [greedy_reference(hf, p, NEW_TOKENS) for p in _prompts(hf.config.vocab_size)]
     return out
 
 

@@ -5,14 +5,12 @@ aborts of requests whose plan is in flight leave the allocator whole."""
 
 from __future__ import annotations
 
-import math
 
 import pytest
-import torch
 
 from distrt import LLM, SamplingParams
 from proc_utils import wait_gone
-from tiny_models import load_hf_model, make_tiny_checkpoint
+from tiny_models import assert_same_outputs, hf_greedy, load_hf_model, make_tiny_checkpoint
 
 # 6 prompts: pp=2 runs micro-batches of 3, pp=3 of 2
 PROMPTS = [[5, 9, 3, 44, 17, 8, 100, 2, 61], list(range(3, 40)), [7] * 5, [11, 12, 13], list(range(50, 70)),
@@ -30,26 +28,13 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="module")
 def reference(ckpt: str) -> list:
     hf = load_hf_model(ckpt)
-    want = []
-    for p in PROMPTS:
-        ids = list(p)
-        with torch.no_grad():
-            for _ in range(SP.max_tokens):  # type: ignore[operator]
-                ids.append(int(hf(torch.tensor([ids])).logits[0, -1].argmax()))
-        want.append(ids[len(p):])
+    want = [hf_greedy(hf, p, SP.max_tokens) for p in PROMPTS]  # type: ignore[arg-type]
     with LLM(ckpt, dtype="float32", device="cpu", max_model_len=128) as llm:
         outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SP, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == want  # pp=1 == transformers
     return outs
 
 
-def _same(outs: list, ref: list) -> None:
-    for o, r in zip(outs, ref):
-        assert o.outputs[0].token_ids == r.outputs[0].token_ids
-        for lp, rlp in zip(o.outputs[0].logprobs, r.outputs[0].logprobs):
-            assert lp.keys() == rlp.keys()
-            for k in lp:
-                assert math.isclose(lp[k].logprob, rlp[k].logprob, abs_tol=1e-5)
 
 
 def _clean(llm: LLM) -> None:
@@ -64,7 +49,7 @@ def _run_layout(ckpt: str, reference: list, executor: str, pp: int, tp: int, spl
     llm = LLM(ckpt, dtype="float32", device="cpu", max_model_len=128, pipeline_parallel_size=pp,
               tensor_parallel_size=tp, pp_layer_split=split, executor=executor, step_timeout_s=60, **kw)
     try:
-        _same(llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SP, use_tqdm=False), reference)
+        assert_same_outputs(llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SP, use_tqdm=False), reference)
         assert llm.engine.max_in_flight_seen == pp  # every stage had a micro-batch
         _clean(llm)
     except BaseException:
@@ -96,7 +81,7 @@ def mpi_pp2_small_kv(ckpt: str, reference: list) -> LLM:
 
 def test_mpi_pp2_matches_pp1_under_preemption(mpi_pp2_small_kv: LLM, reference: list) -> None:
     llm = mpi_pp2_small_kv
-    _same(llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SP, use_tqdm=False), reference)
+    assert_same_outputs(llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SP, use_tqdm=False), reference)
     assert llm.engine.max_in_flight_seen == 2
     assert llm.engine.scheduler.stats.num_preemptions > 0
     _clean(llm)

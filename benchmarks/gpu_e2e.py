@@ -33,11 +33,11 @@ def decode_bytes(cfg: Any, model: torch.nn.Module, context: float) -> float:
     return params + kv
 
 
-def bench_ours(shape: str, prompt_len: int, new: int) -> dict[str, float]:
+def bench_ours(shape: str, prompt_len: int, new: int, async_scheduling: bool = True) -> dict[str, float]:
     from distrt import LLM, SamplingParams
 
     llm = LLM(f"shape:{shape}", dtype="bfloat16", device="cuda", max_model_len=prompt_len + new + 16,
-              max_num_seqs=4, kv_cache_memory=0.2)
+              max_num_seqs=4, kv_cache_memory=0.2, async_scheduling=async_scheduling)
     eng = llm.engine
     prompt = {"prompt_token_ids": list(range(100, 100 + prompt_len))}
     llm.generate(prompt, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)  # warm-up
@@ -120,7 +120,10 @@ def main() -> None:
         metrics[f"bs1_decode_roofline_fraction_{key}"] = roofline_ms / ours["ms_per_token"]
         metrics[f"bs1_graph_only_roofline_fraction_{key}"] = roofline_ms / ours["graph_replay_ms"]
         metrics[f"bs1_host_overhead_ms_{key}"] = ours["ms_per_token"] - ours["graph_replay_ms"]
-        details[shape] = {**ours, "roofline_ms": roofline_ms}
+        sync = bench_ours(shape, a.prompt_len, a.new_tokens, async_scheduling=False)
+        metrics[f"bs1_ms_per_token_sync_scheduling_{key}"] = sync["ms_per_token"]
+        metrics[f"bs1_async_vs_sync_scheduling_{key}"] = ours["ms_per_token"] / sync["ms_per_token"]
+        details[shape] = {**ours, "roofline_ms": roofline_ms, "sync_scheduling": sync}
         if not a.skip_hf:
             hf_ms = bench_hf(shape, a.prompt_len, a.new_tokens)
             metrics[f"hf_generate_ms_per_token_{key}"] = hf_ms

@@ -1,7 +1,8 @@
 """2 GPUs: tensor parallelism on the Llama-3.1-8B shape (random bf16 weights), in one run:
 batch-1 ms/token for tp=1 and tp=2, saturated throughput (512 requests, 128 in / 128 out), NCCL
-(cupy) all-reduce latency for decode-sized messages, and each executor's per-step control overhead
-(coordinator wall time per step minus the workers' time inside execute).
+(cupy) all-reduce latency for decode-sized messages, and each executor's per-step control overhead:
+the time the GPU sits idle between consecutive decode steps (CUDA events on the output rank,
+StepResult.gpu_idle_s), median over a batch-1 generation.
 
     python benchmarks/gpu_tp.py [--shape llama-3.1-8b] [--executors mpi,ray] [--out PATH]
 """
@@ -51,7 +52,7 @@ class _Timed:
         r = self.inner_wait(handle)
         t, plan = self._t.pop(id(handle), (None, None))
         if t is not None:
-            self.samples.append((time.perf_counter() - t, r.exec_time_s, plan.total_tokens))
+            self.samples.append((time.perf_counter() - t, r.gpu_idle_s, plan.total_tokens))
         return r
 
     def restore(self) -> None:
@@ -74,7 +75,8 @@ def bench_bs1(llm: Any, prompt_len: int = 128, new: int = 256) -> tuple[float, f
         eng.step()
         steps += 1
     ms = (time.perf_counter() - t0) / steps * 1e3
-    overhead = statistics.median(w - e for w, e, _ in timer.samples) * 1e3
+    idle = [i for _, i, _ in timer.samples if i is not None]
+    overhead = statistics.median(idle) * 1e3 if idle else float("nan")
     timer.restore()
     return ms, overhead
 

@@ -164,6 +164,9 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     enable_chunked_prefill: bool = True
+    # pp == 1: keep a second plan in flight whose decodes take their input token from the previous
+    # step's sample on the device, so scheduling and input preparation overlap the GPU's work
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:

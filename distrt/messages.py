@@ -23,6 +23,16 @@ block. That is why the coordinator may free the blocks of a request aborted whil
 once: the in-flight plan's writes to them happen, on every worker, before those of any later plan
 that gives them to a new owner; the late result of the aborted request is discarded.
 
+Async scheduling (pp == 1, `SchedulerConfig.async_scheduling`): two plans are in flight, and plan
+k+1 is built before plan k's tokens are back. A request that plan k samples may be scheduled in
+plan k+1 for one more token with `deferred=True`: the worker appends a placeholder for the token
+plan k samples, and takes the input id of that position from plan k's sampled ids on the device
+(the output rank broadcasts them over the TP group). The placeholder is overwritten when the
+coordinator sends the real token in a later plan's `new_token_ids` (which always fill placeholders
+first). So the invariant still holds for every token a worker reads on the host; only the device
+ever sees a sample before the coordinator has it. If plan k's token ends the request (EOS, stop),
+plan k+1's extra token is discarded like an aborted request's.
+
 A preempted request is dropped through `finished_ids` and later re-sent whole as a `NewRequest`
 carrying its prompt and every token generated so far (recompute).
 """
@@ -73,6 +83,7 @@ class CachedRequest:
     num_computed_tokens: int
     new_block_ids: tuple[BlockId, ...]
     new_token_ids: tuple[int, ...] = ()  # tokens sampled since the request was last sent (see above)
+    deferred: bool = False  # the input token is the previous step's sample, still on the device (above)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,5 +129,8 @@ class StepResult:
     step_id: int
     sampled: dict[RequestId, int] = field(default_factory=dict)
     logprobs: dict[RequestId, TokenLogprobs] = field(default_factory=dict)
-    exec_time_s: float = 0.0  # the worker's time inside execute (step overhead = wall - this)
+    exec_time_s: float = 0.0  # the worker's time from taking the plan to returning its tokens
+    # CUDA: how long the GPU sat idle between the end of the previous step's work and this one's
+    # (CUDA events on the output rank; None for the first step or off CUDA)
+    gpu_idle_s: float | None = None
     expert_load: dict[int, tuple[int, ...]] | None = None  # layer -> tokens per logical expert

@@ -8,7 +8,9 @@ scheduler has something), then waits for the oldest and applies it:
 
     in flight:  [k, k+1]  --wait k, update-->  [k+1]  --schedule, submit k+2-->  [k+1, k+2]  ...
 
-With pp == 1 that is exactly one submit and one wait per step, as before.
+With pp == 1 and async scheduling the same loop keeps two plans in flight: plan k+1 (built
+before plan k's tokens are back, scheduler.py) runs on the GPU while the host collects plan k,
+updates the requests and builds plan k+2. Without async scheduling it is one submit and one wait.
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ class LLMEngine:
         executor.init_kv_cache(num_blocks)
         self.allocator = KVAllocator(num_blocks, bs)
         self.max_in_flight = max(1, executor.max_concurrent_steps)
-        self.scheduler = Scheduler(config.scheduler, self.allocator, self.max_in_flight)
+        self.scheduler = Scheduler(config.scheduler, self.allocator, self.max_in_flight,
+                                   ahead=config.parallel.pipeline_parallel_size == 1)
         self.experts = ExpertBalancer(config)
         self._in_flight: deque[tuple[StepPlan, StepHandle]] = deque()
         self.max_in_flight_seen = 0  # the most plans ever in flight at once (pipeline occupancy)

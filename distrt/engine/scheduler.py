@@ -19,6 +19,17 @@ If a request needs blocks that only in-flight requests could give back, it waits
 preemption). Aborting an in-flight request frees its blocks at once (messages.py says why that
 is safe) and its late result is discarded. With max_in_flight == 1 nothing is ever in flight while
 scheduling and all of this reduces to the plain loop.
+
+Async scheduling (`ahead`, pp == 1, two plans in flight): plan k+1 is built while plan k runs, over
+the same requests. A request whose in-flight plan samples it is scheduled for one more token,
+`deferred` (its input is that sample, still on the device: messages.py), unless the pending
+sample may already end it by length or it needs penalties (which read the token history); a
+request in the middle of a chunked prefill gets its next chunk. A request is in at most two plans:
+
+    plan k   {a: 1, b: 1, c: 40 of 100 prompt tokens}     in flight
+    plan k+1 {a: 1 deferred, b: 1 deferred, c: next 60}   built before k's tokens are back
+
+If plan k's token ends a request (EOS, stop string), its token from plan k+1 is discarded.
 """
 
 from __future__ import annotations
@@ -55,12 +66,14 @@ class _Pending:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, allocator: KVAllocator, max_in_flight: int = 1) -> None:
+    def __init__(self, config: SchedulerConfig, allocator: KVAllocator, max_in_flight: int = 1,
+                 ahead: bool = False) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         self.config = config
         self.allocator = allocator
         self.max_in_flight = max_in_flight
+        self.ahead = ahead and max_in_flight > 1
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[RequestId, Request] = {}
@@ -68,7 +81,8 @@ class Scheduler:
         self._to_drop = _Pending()
         self._step_id = 0
         self._sent: dict[RequestId, int] = {}  # requests whose state the workers hold -> tokens they hold
-        self._in_flight: dict[RequestId, int] = {}  # request -> step id of the plan it is in, until update()
+        # request -> the in-flight plans it is in, oldest first: (step id, tokens, samples it), until update()
+        self._in_flight: dict[RequestId, list[tuple[int, int, bool]]] = {}
 
     # -- requests in and out -------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -124,11 +138,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0 and len(num_sched) < cap:
             req = self.running[i]
-            if req.request_id in self._in_flight:
+            start, n, deferred = self._next_tokens(req, budget)
+            if n == 0:
                 i += 1
                 continue
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            new_blocks = self.allocator.allocate(req.request_id, req.num_computed_tokens + n)
+            new_blocks = self.allocator.allocate(req.request_id, start + n)
             while new_blocks is None:
                 j = self._victim_index(i)
                 if j == i and self._in_flight:
@@ -139,12 +153,12 @@ class Scheduler:
                 preempted = True
                 if victim is req:
                     break
-                new_blocks = self.allocator.allocate(req.request_id, req.num_computed_tokens + n)
+                new_blocks = self.allocator.allocate(req.request_id, start + n)
             if new_blocks is None:
                 break
             if req.request_id in self._sent:
-                cached.append(CachedRequest(req.request_id, req.num_computed_tokens, tuple(new_blocks),
-                                            self._unsent_tokens(req)))
+                cached.append(CachedRequest(req.request_id, start, tuple(new_blocks), self._unsent_tokens(req),
+                                            deferred))
             else:
                 new_reqs.append(self._new_request(req))
             num_sched[req.request_id] = n
@@ -168,8 +182,11 @@ class Scheduler:
             budget -= n
 
         self._step_id += 1
-        for rid in num_sched:
-            self._in_flight[rid] = self._step_id
+        for rid, n in num_sched.items():
+            req = self.requests[rid]
+            flights = self._in_flight.setdefault(rid, [])
+            end = req.num_computed_tokens + sum(f[1] for f in flights) + n
+            flights.append((self._step_id, n, end >= req.num_tokens))
         drop, self._to_drop = tuple(self._to_drop.ids), _Pending()
         return StepPlan(
             step_id=self._step_id,
@@ -185,9 +202,12 @@ class Scheduler:
         got_token: list[Request] = []
         finished: list[Request] = []
         for rid, n in plan.num_scheduled_tokens.items():
-            if self._in_flight.get(rid) != plan.step_id:
+            flights = self._in_flight.get(rid)
+            if not flights or flights[0][0] != plan.step_id:
                 continue  # finished (aborted) while in flight, maybe re-added since: the result is stale
-            del self._in_flight[rid]
+            flights.pop(0)
+            if not flights:
+                del self._in_flight[rid]
             req = self.requests[rid]
             req.num_computed_tokens += n
             self.stats.prompt_tokens += max(0, min(n, req.num_prompt_tokens - (req.num_computed_tokens - n)))
@@ -210,9 +230,26 @@ class Scheduler:
         """The executor lost the in-flight plans (the engine is dead): nothing will come back."""
         self._in_flight.clear()
 
+    def _next_tokens(self, req: Request, budget: int) -> tuple[int, int, bool]:
+        """(first position, tokens, deferred) of a running request's next step; 0 tokens: skip it."""
+        flights = self._in_flight.get(req.request_id)
+        if not flights:
+            return req.num_computed_tokens, min(req.num_tokens - req.num_computed_tokens, budget), False
+        if not self.ahead or len(flights) > 1:
+            return 0, 0, False
+        start = req.num_computed_tokens + flights[0][1]
+        if not flights[0][2]:  # the in-flight plan is a prefill chunk: the next chunk's tokens are known
+            return start, min(req.num_tokens - start, budget), False
+        p = req.params
+        if (req.num_tokens + 1 >= req.max_model_len
+                or (p.max_tokens is not None and len(req.output_token_ids) + 1 >= p.max_tokens)
+                or p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0):
+            return 0, 0, False  # the pending token may end it by length; penalties read the history
+        return start, 1, True
+
     def _micro_batch_cap(self) -> int:
         """Requests per plan: all of them, or with pp plans in flight an even share of the active ones."""
-        if self.max_in_flight == 1:
+        if self.max_in_flight == 1 or self.ahead:
             return self.config.max_num_seqs
         active = min(len(self.running) + len(self.waiting), self.config.max_num_seqs)
         return max(1, -(-active // self.max_in_flight))

@@ -14,9 +14,20 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from distrt.messages import StepPlan, StepResult
+
+if TYPE_CHECKING:
+    from distrt.config import EngineConfig
+
+
+def step_depth(config: "EngineConfig") -> int:
+    """Plans in flight at once: the pipeline depth, else 2 with async scheduling, else 1."""
+    pp = config.parallel.pipeline_parallel_size
+    if pp > 1:
+        return pp
+    return 2 if config.scheduler.async_scheduling else 1
 
 
 class EngineDeadError(RuntimeError):

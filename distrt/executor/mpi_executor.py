@@ -29,7 +29,7 @@ from collections import deque
 from typing import Any
 
 from distrt.config import EngineConfig
-from distrt.executor.base import EngineDeadError, Executor, StepHandle
+from distrt.executor.base import EngineDeadError, Executor, StepHandle, step_depth
 from distrt.executor.mpi_worker import QueueLink, worker_loop
 from distrt.messages import StepPlan, StepResult
 
@@ -163,7 +163,7 @@ class MpiExecutor(Executor):
 
     @property
     def max_concurrent_steps(self) -> int:
-        return self.config.parallel.pipeline_parallel_size
+        return step_depth(self.config)
 
     def execute(self, plan: StepPlan) -> StepResult:
         return self.wait(self.execute_async(plan))

@@ -14,6 +14,12 @@ runs its stage of the next plan:
     coordinator --link--> rank 0 --isend (op, args)--> rank r   (each rank: recv, run, next)
     output rank --send result--> rank 0's forwarder thread --link--> coordinator
 
+Async scheduling (pp == 1, two plans in flight): every rank launches a plan's device work without
+waiting for it; rank 0 (the output rank) sends step k's result once step k+1 is queued behind it,
+or, when no next plan comes, as soon as step k's tokens are ready:
+
+    rank 0:  launch k+1 -> send result k -> (no command yet? result k+1 when ready) -> recv k+2 ...
+
 A rank that raises aborts the MPI job (no silent retry); the coordinator sees the link close, or
 its watchdog fires if a collective hangs, and fails the engine.
 """
@@ -147,6 +153,16 @@ class _Commands:
         self.sending = []
 
 
+def _send_ready_results(host: Any, link: Any) -> None:
+    """Rank 0, async scheduling: until the next command arrives, send each launched step's result
+    as soon as its tokens are on the host."""
+    while host.num_launched:
+        if host.oldest_ready():
+            link.send(("ok", host.finish_oldest()))
+        elif link.poll(5e-5):
+            return
+
+
 def worker_loop(world: Any, link: Link | None, config: Any = None) -> None:
     """Run by every rank of the worker job; `link` on rank 0 only. Returns after "shutdown"."""
     from distrt.executor.worker_host import WorkerHost, output_rank
@@ -156,6 +172,7 @@ def worker_loop(world: Any, link: Link | None, config: Any = None) -> None:
     config = ctrl.bcast(link.recv() if rank == 0 else None, root=0) if config is None else config
     out = output_rank(config)
     pipelined = config.parallel.pipeline_parallel_size > 1
+    lagged = not pipelined and config.scheduler.async_scheduling  # launch now, send results later (above)
     host = WorkerHost(config, rank)
     results = ctrl.Dup() if pipelined else None  # output rank -> rank 0, one message per step
     forwarder: _ResultForwarder | None = None
@@ -169,9 +186,19 @@ def worker_loop(world: Any, link: Link | None, config: Any = None) -> None:
             link.send(("ok", pids))  # type: ignore[union-attr]
         commands = _Commands(ctrl, rank, link, pipelined)
         while True:
+            if lagged and rank == 0:
+                _send_ready_results(host, link)
             op, args = commands.next()
             if op == "execute" and forwarder is not None:
                 forwarder.expect()
+            if lagged and op == "execute":
+                host.launch(*args)
+                while rank == 0 and host.num_launched > 1:
+                    link.send(("ok", host.finish_oldest()))  # type: ignore[union-attr]
+                continue
+            if lagged and rank == 0:
+                while host.num_launched:
+                    link.send(("ok", host.finish_oldest()))  # type: ignore[union-attr]
             result = getattr(host, op)(*args)
             if op == "execute":
                 if pipelined:

@@ -7,6 +7,11 @@ keeps plain calls (for comparison). Every wait carries the step watchdog's timeo
 With pipeline parallelism up to pp plans are in flight: `execute_async` submits without waiting
 (a compiled-graph execution, or one actor call per worker numbered so the threaded actors run
 them in order) and `wait` gets the result of one.
+
+Async scheduling (pp == 1, compiled graph): each execution launches its plan on the workers and
+returns the *previous* plan's result (WorkerHost.step_lagged), so the GPU already has step k+1
+when the host waits for step k's tokens; `wait` for the newest plan sends an empty execution
+(None) that only collects it. Results carry their step id, so they are matched by it.
 """
 
 from __future__ import annotations
@@ -14,10 +19,11 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
 from typing import Any
 
 from distrt.config import EngineConfig
-from distrt.executor.base import EngineDeadError, Executor, StepHandle
+from distrt.executor.base import EngineDeadError, Executor, StepHandle, step_depth
 from distrt.executor.worker_host import WorkerHost, output_rank
 from distrt.messages import StepPlan, StepResult
 
@@ -61,6 +67,10 @@ class RayExecutor(Executor):
         ]
         self._dag: Any = None
         self._dead: BaseException | None = None
+        self._depth = step_depth(config)
+        self._lagged = channel == "compiled" and self.pp == 1 and self._depth > 1
+        self._unread: deque[Any] = deque()  # lagged: executions whose output is not read yet
+        self._lag_results: dict[int, StepResult] = {}
         try:
             self._init_comm(ray, gpu)
             self._pids = self._all("pid")
@@ -87,8 +97,8 @@ class RayExecutor(Executor):
         from ray.dag.context import DAGContext
 
         with InputNode() as plan:
-            dag = MultiOutputNode([w.execute.bind(plan) for w in self.workers])
-        inflight = max(self.pp, DAGContext.get_current().max_inflight_executions)
+            dag = MultiOutputNode([(w.step_lagged if self._lagged else w.execute).bind(plan) for w in self.workers])
+        inflight = max(self.pp + 1, DAGContext.get_current().max_inflight_executions)
         self._dag = dag.experimental_compile(_max_inflight_executions=inflight)
 
     def _all(self, method: str, *args: Any) -> list[Any]:
@@ -105,7 +115,7 @@ class RayExecutor(Executor):
 
     @property
     def max_concurrent_steps(self) -> int:
-        return self.pp
+        return self._depth
 
     def execute(self, plan: StepPlan) -> StepResult:
         return self.wait(self.execute_async(plan))
@@ -114,6 +124,9 @@ class RayExecutor(Executor):
         if self._dead is not None:
             raise EngineDeadError(f"a worker failed earlier: {self._dead}")
         try:
+            if self._lagged:
+                self._unread.append(self._dag.execute(plan))
+                return StepHandle(plan.step_id)
             if self._dag is not None:
                 return StepHandle(plan.step_id, self._dag.execute(plan))
             self._seq += 1
@@ -127,6 +140,8 @@ class RayExecutor(Executor):
 
         if self._dead is not None:
             raise EngineDeadError(f"a worker failed earlier: {self._dead}")
+        if self._lagged:
+            return self._wait_lagged(handle.step_id)
         try:
             results = ray.get(handle.ref, timeout=self.timeout)
         except BaseException as e:
@@ -134,6 +149,20 @@ class RayExecutor(Executor):
         result = results[self._out]
         assert result is not None
         return result
+
+    def _wait_lagged(self, step_id: int) -> StepResult:
+        import ray
+
+        while step_id not in self._lag_results:
+            try:
+                if not self._unread:
+                    self._unread.append(self._dag.execute(None))  # collect only
+                out = ray.get(self._unread.popleft(), timeout=self.timeout)[self._out]
+            except BaseException as e:
+                self._fail(step_id, e)
+            if out is not None:
+                self._lag_results[out.step_id] = out
+        return self._lag_results.pop(step_id)
 
     def _fail(self, step_id: int, e: BaseException) -> None:
         self._dead = e

@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from typing import Any
 
 import torch
@@ -55,6 +56,7 @@ class WorkerHost:
         self._fault: tuple[str, int] | None = None
         self._steps = 0
         self._turn = threading.Condition()
+        self._launched: deque[Any] = deque()  # output rank: launched steps not yet collected
         self._next_seq = 1
 
     # -- bootstrap (each call is collective across ranks where noted) -------------------------
@@ -126,6 +128,11 @@ class WorkerHost:
                 self._turn.notify_all()
 
     def _execute(self, plan: StepPlan) -> StepResult | None:
+        self._fault_point()
+        result = self.worker.execute(plan)
+        return result if self.rank == output_rank(self.config) else None
+
+    def _fault_point(self) -> None:
         self._steps += 1
         if self._fault is not None and self._steps >= self._fault[1]:
             kind = self._fault[0]
@@ -135,8 +142,34 @@ class WorkerHost:
                 raise RuntimeError(f"injected fault on rank {self.rank} at step {self._steps}")
             if kind == "exit":
                 os._exit(17)
-        result = self.worker.execute(plan)
-        return result if self.rank == output_rank(self.config) else None
+
+    # -- async scheduling: launch now, collect later (the output rank keeps what it launched) ------
+    def launch(self, plan: StepPlan) -> None:
+        self._fault_point()
+        pending = self.worker.launch(plan)
+        if self.rank == output_rank(self.config):
+            self._launched.append(pending)
+
+    @property
+    def num_launched(self) -> int:
+        return len(self._launched)
+
+    def oldest_ready(self) -> bool:
+        p = self._launched[0]
+        return p.launched is None or p.launched.sample is None or p.launched.sample.ready()
+
+    def finish_oldest(self) -> StepResult:
+        return self.worker.finish(self._launched.popleft())
+
+    def step_lagged(self, plan: StepPlan | None) -> StepResult | None:
+        """One call per compiled-graph execution: launches `plan` (None: launch nothing), then on the
+        output rank returns the oldest step still uncollected if a newer one is queued behind it (or
+        if `plan` is None), so the GPU always has the next step while the host waits for a result."""
+        if plan is not None:
+            self.launch(plan)
+        if self._launched and (plan is None or len(self._launched) > 1):
+            return self.finish_oldest()
+        return None
 
     def inject_fault(self, kind: str, at_step: int) -> None:
         """Test hook: from step `at_step` on, hang / raise / exit instead of executing."""

@@ -51,11 +51,72 @@ class SamplerOutput:
     logprobs: list[tuple[float, list[int], list[float]] | None]
 
 
+@dataclass
+class DeviceSample:
+    """A sampled batch still on the device. `start_copy` queues the device->host copies behind the
+    sampling kernels (no sync); `to_host` waits for them and builds the SamplerOutput."""
+
+    tokens: torch.Tensor  # int64 [N] on the logits' device
+    want_lp: list[int | None]
+    chosen: torch.Tensor | None = None  # [N] float32 logprob of the sampled token
+    top_lp: torch.Tensor | None = None  # [N, k]
+    top_ids: torch.Tensor | None = None  # [N, k]
+    _host: tuple[torch.Tensor | None, ...] | None = None
+    _event: object | None = None
+
+    def start_copy(self) -> None:
+        parts = (self.tokens, self.chosen, self.top_lp, self.top_ids)
+        if self.tokens.device.type != "cuda":
+            self._host = parts
+            return
+        self._host = tuple(None if t is None else _to_pinned(t) for t in parts)
+        self._event = torch.cuda.Event()
+        self._event.record()  # type: ignore[attr-defined]
+
+    def ready(self) -> bool:
+        return self._event is None or bool(self._event.query())  # type: ignore[attr-defined]
+
+    def to_host(self) -> SamplerOutput:
+        if self._host is None:
+            self.start_copy()
+        if self._event is not None:
+            self._event.synchronize()  # type: ignore[attr-defined]
+        tokens, chosen, top_lp, top_ids = self._host  # type: ignore[misc]
+        token_list = tokens.tolist()  # type: ignore[union-attr]
+        out_lp: list[tuple[float, list[int], list[float]] | None] = [None] * len(token_list)
+        if chosen is not None:
+            chosen_l = chosen.tolist()
+            top_lp_l = top_lp.tolist() if top_lp is not None else None
+            top_ids_l = top_ids.tolist() if top_ids is not None else None
+            for i, k in enumerate(self.want_lp):
+                if k is None:
+                    continue
+                ids = top_ids_l[i][:k] if top_ids_l else []
+                lps = top_lp_l[i][:k] if top_lp_l else []
+                out_lp[i] = (chosen_l[i], ids, lps)
+        return SamplerOutput(token_list, out_lp)
+
+
+def _on(dev: torch.device, values: list, dtype: torch.dtype) -> torch.Tensor:  # type: ignore[type-arg]
+    """A host list on the device without a sync (a pageable copy would wait for the stream)."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t
+
+
+def _to_pinned(t: torch.Tensor) -> torch.Tensor:
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
+
+
 class Sampler:
     def __call__(self, logits: torch.Tensor, rows: list[SamplerRow]) -> SamplerOutput:
+        return self.sample(logits, rows).to_host()
+
+    def sample(self, logits: torch.Tensor, rows: list[SamplerRow]) -> DeviceSample:
+        """Samples on the logits' device without a host sync (decisions are made from `rows`)."""
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (logits.shape, len(rows))
         logits = logits.float()
-        n, vocab = logits.shape
         dev = logits.device
         want_lp = [r.spec.logprobs for r in rows]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(k is not None for k in want_lp) else None
@@ -65,32 +126,23 @@ class Sampler:
 
         tokens = logits.argmax(dim=-1)
         if any(r.spec.temperature > 0 for r in rows):  # decided on the host: no device sync
-            temps = torch.tensor([r.spec.temperature for r in rows], dtype=torch.float32).to(dev, non_blocking=True)
+            temps = _on(dev, [r.spec.temperature for r in rows], torch.float32)
             sampled = self._sample(logits, rows, temps)
             tokens = torch.where(temps == 0, tokens, sampled)
-
-        token_list = tokens.tolist()
-        out_lp: list[tuple[float, list[int], list[float]] | None] = [None] * n
+        out = DeviceSample(tokens, want_lp)
         if raw_logprobs is not None:
             kmax = max(k or 0 for k in want_lp)
-            top_lp, top_ids = raw_logprobs.topk(kmax, dim=-1) if kmax else (None, None)
-            chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
-            top_lp_l = top_lp.tolist() if top_lp is not None else None
-            top_ids_l = top_ids.tolist() if top_ids is not None else None
-            for i, k in enumerate(want_lp):
-                if k is None:
-                    continue
-                ids = top_ids_l[i][:k] if top_ids_l else []
-                lps = top_lp_l[i][:k] if top_lp_l else []
-                out_lp[i] = (chosen[i], ids, lps)
-        return SamplerOutput(token_list, out_lp)
+            if kmax:
+                out.top_lp, out.top_ids = raw_logprobs.topk(kmax, dim=-1)
+            out.chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1)
+        return out
 
     @staticmethod
     def _suppress(logits: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
         for i, r in enumerate(rows):
             if r.spec.suppress_ids and r.output_index < r.spec.min_tokens:
                 ids = [t for t in r.spec.suppress_ids if t < logits.shape[1]]
-                logits[i, ids] = float("-inf")
+                logits[i, _on(logits.device, ids, torch.int64)] = float("-inf")
         return logits
 
     @staticmethod
@@ -101,7 +153,7 @@ class Sampler:
             if not s.needs_penalties:
                 continue
             dev = logits.device
-            out_ids = torch.tensor(r.output_ids, dtype=torch.int64, device=dev)
+            out_ids = _on(dev, r.output_ids, torch.int64)
             counts = torch.zeros(vocab, device=dev, dtype=torch.float32)
             if len(r.output_ids):
                 counts.scatter_add_(0, out_ids, torch.ones_like(out_ids, dtype=torch.float32))
@@ -109,7 +161,7 @@ class Sampler:
             if s.repetition_penalty != 1.0:
                 seen = counts > 0
                 if r.prompt_ids:
-                    seen[torch.tensor(r.prompt_ids, dtype=torch.int64, device=dev)] = True
+                    seen[_on(dev, r.prompt_ids, torch.int64)] = True
                 pen = torch.where(row > 0, row / s.repetition_penalty, row * s.repetition_penalty)
                 row = torch.where(seen, pen, row)
             row = row - s.frequency_penalty * counts - s.presence_penalty * (counts > 0).float()
@@ -123,19 +175,19 @@ class Sampler:
         scaled = logits / torch.where(temps == 0, torch.ones_like(temps), temps)[:, None]
         sorted_logits, order = scaled.sort(dim=-1, descending=True)  # [N, V]
         ranks = torch.arange(vocab, device=dev)[None, :]
-        top_k = torch.tensor([r.spec.top_k if r.spec.top_k > 0 else vocab for r in rows], device=dev)
+        top_k = _on(dev, [r.spec.top_k if r.spec.top_k > 0 else vocab for r in rows], torch.int64)
         mask = ranks >= top_k[:, None]
         sorted_logits = sorted_logits.masked_fill(mask, float("-inf"))
         probs = torch.softmax(sorted_logits, dim=-1)
-        top_p = torch.tensor([r.spec.top_p for r in rows], device=dev, dtype=torch.float32)
-        min_p = torch.tensor([r.spec.min_p for r in rows], device=dev, dtype=torch.float32)
+        top_p = _on(dev, [r.spec.top_p for r in rows], torch.float32)
+        min_p = _on(dev, [r.spec.min_p for r in rows], torch.float32)
         # keep the smallest prefix whose mass reaches top_p (the first token always survives)
         mask = (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
         mask |= probs < (min_p[:, None] * probs[:, :1])
         mask[:, 0] = False
         probs = torch.softmax(sorted_logits.masked_fill(mask, float("-inf")), dim=-1)
-        seeds = torch.tensor([r.spec.seed for r in rows], device=dev, dtype=torch.int64)
-        steps = torch.tensor([r.output_index for r in rows], device=dev, dtype=torch.int64)
+        seeds = _on(dev, [r.spec.seed for r in rows], torch.int64)
+        steps = _on(dev, [r.output_index for r in rows], torch.int64)
         noise = hashed_uniform(seeds, steps, vocab).gather(1, order)  # noise keyed by token id
         race = probs / (-torch.log(noise))
         choice = race.argmax(dim=-1, keepdim=True)

@@ -11,7 +11,8 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
 from distrt.engine.llm_engine import LLMEngine
-from distrt.messages import StepPlan, StepResult
+from distrt.executor.base import StepHandle
+from distrt.messages import StepPlan
 from distrt.server.context import ServerContext, get_context
 
 router = APIRouter(prefix="/debug", include_in_schema=False)
@@ -35,19 +36,19 @@ def _state(engine: LLMEngine) -> dict[str, Any]:
 def _install(fault: Fault) -> Any:
     def install(engine: LLMEngine) -> str:
         executor = engine.executor
-        executor.__dict__.pop("execute", None)  # back to the class's method
-        real = executor.execute
+        executor.__dict__.pop("execute_async", None)  # back to the class's method
+        real = executor.execute_async
         if fault.kind == "delay":
-            def slow(plan: StepPlan) -> StepResult:
+            def slow(plan: StepPlan) -> StepHandle:
                 time.sleep(fault.seconds)
                 return real(plan)
 
-            executor.execute = slow  # type: ignore[method-assign]
+            executor.execute_async = slow  # type: ignore[method-assign]
         elif fault.kind == "raise":
-            def dead(plan: StepPlan) -> StepResult:
+            def dead(plan: StepPlan) -> StepHandle:
                 raise RuntimeError("injected fault: a worker died")
 
-            executor.execute = dead  # type: ignore[method-assign]
+            executor.execute_async = dead  # type: ignore[method-assign]
         return fault.kind
 
     return install

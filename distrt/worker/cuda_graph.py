@@ -4,11 +4,20 @@ Static buffers (captured addresses) are filled before each replay:
 
     rows [0, bs)        the real requests of this step
     rows [bs, graph_bs) padding: slot -1 (no KV write), seq_len 1, logits discarded
+
+With pipeline parallelism each stage captures its own share: the first starts from input ids,
+later ones from a static [2, n, hidden] (hidden; residual) buffer the received activations are
+copied into; the last ends in logits, the others in a [2, bs, hidden] output the runner sends on.
+The send/recv stay outside the graphs (one message per hop, as in eager mode).
+
+`eager_replay` (tests on CPU, where there are no CUDA graphs) runs the same static-buffer plumbing
+with a plain forward in place of each replay.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 
@@ -25,8 +34,10 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                 max_num_seqs: int, max_blocks_per_seq: int, device: torch.device) -> None:
+                 max_num_seqs: int, max_blocks_per_seq: int, device: torch.device, *, first: bool = True,
+                 last: bool = True, hidden_size: int = 0, dtype: torch.dtype | None = None) -> None:
         self.model = model
+        self.first, self.last = first, last
         self.kv_caches = kv_caches
         self.sizes = capture_sizes(max_num_seqs)
         n = self.sizes[-1]
@@ -37,8 +48,9 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros((n, max_blocks_per_seq), dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
+        self.stage_in = None if first else torch.zeros((2, n, hidden_size), dtype=dtype, device=device)
+        self.graphs: dict[int, Any] = {}
+        self.logits: dict[int, torch.Tensor] = {}  # per size: logits (last stage) or [2, bs, hidden] to send
         self.pool = None
 
     def _meta(self, bs: int) -> AttentionMetadata:
@@ -47,11 +59,22 @@ class DecodeGraphs:
                                  max_query_len=1, max_seq_len=self.max_blocks, is_decode_only=True)
 
     def _forward(self, bs: int) -> torch.Tensor:
-        hidden, _ = self.model(self.input_ids[:bs], self.positions[:bs], self.kv_caches, self._meta(bs))
-        return self.model.compute_logits(hidden)
+        if self.stage_in is None:
+            hidden, residual = self.model(self.input_ids[:bs], self.positions[:bs], self.kv_caches, self._meta(bs))
+        else:
+            hidden, residual = self.model(None, self.positions[:bs], self.kv_caches, self._meta(bs),
+                                          hidden=self.stage_in[0, :bs], residual=self.stage_in[1, :bs])
+        if self.last:
+            return self.model.compute_logits(hidden)
+        return torch.stack((hidden, residual))
 
     @torch.inference_mode()
-    def capture(self) -> None:
+    def capture(self, eager_replay: bool = False) -> None:
+        if eager_replay:
+            for bs in self.sizes:
+                self.logits[bs] = self._forward(bs)
+                self.graphs[bs] = _EagerReplay(self, bs)
+            return
         for bs in reversed(self.sizes):  # largest first: later graphs reuse its pool memory
             for _ in range(2):  # compile / autotune outside the capture
                 self._forward(bs)
@@ -72,12 +95,19 @@ class DecodeGraphs:
         return None
 
     @torch.inference_mode()
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Inputs on the device for bs real rows; returns [bs, vocab] logits (a view of a static buffer)."""
-        bs = input_ids.shape[0]
+    def run(self, input_ids: torch.Tensor | None, positions: torch.Tensor, meta: AttentionMetadata,
+            stage_in: torch.Tensor | None = None) -> torch.Tensor:
+        """Inputs on the device for bs real rows (ids, or the received [2, bs, hidden] on a later
+        stage); returns [bs, vocab] logits or the [2, bs, hidden] to send (views of static buffers)."""
+        bs = positions.shape[0]
         gbs = self.padded_size(bs)
         assert gbs is not None and meta.block_tables.shape[1] <= self.max_blocks
-        self.input_ids[:bs].copy_(input_ids)
+        if self.stage_in is None:
+            assert input_ids is not None
+            self.input_ids[:bs].copy_(input_ids)
+        else:
+            assert stage_in is not None and stage_in.shape[1] == bs
+            self.stage_in[:, :bs].copy_(stage_in)
         self.positions[:bs].copy_(positions)
         self.slot_mapping[:bs].copy_(meta.slot_mapping)
         self.seq_lens[:bs].copy_(meta.seq_lens)
@@ -86,4 +116,15 @@ class DecodeGraphs:
             self.slot_mapping[bs:gbs].fill_(-1)
             self.seq_lens[bs:gbs].fill_(1)
         self.graphs[gbs].replay()
-        return self.logits[gbs][:bs]
+        out = self.logits[gbs]
+        return out[:bs] if self.last else out[:, :bs]
+
+
+class _EagerReplay:
+    """Stands in for a captured graph on CPU: recomputes into the same static output."""
+
+    def __init__(self, graphs: DecodeGraphs, bs: int) -> None:
+        self.graphs, self.bs = graphs, bs
+
+    def replay(self) -> None:
+        self.graphs.logits[self.bs].copy_(self.graphs._forward(self.bs))

@@ -8,6 +8,7 @@ previous stage instead of embedding ids, an earlier stage sends them on instead 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -15,7 +16,7 @@ import torch
 
 from distrt.config import EngineConfig
 from distrt.layers.attention import AttentionMetadata
-from distrt.layers.sampler import Sampler, SamplerOutput, SamplerRow
+from distrt.layers.sampler import DeviceSample, Sampler, SamplerOutput, SamplerRow
 from distrt.models.model_loader import build_model
 from distrt.models.shard import ShardContext
 from distrt.worker.cuda_graph import DecodeGraphs
@@ -34,6 +35,16 @@ class BatchInputs:
     meta: AttentionMetadata
     sample_rows: list[int]  # index into the batch of requests that get a token
     sample_token_idx: torch.Tensor  # int64 [S], row in [T] whose logits to sample
+
+
+@dataclass
+class Launched:
+    """A step whose GPU work is queued: `sample` (output rank) turns into tokens on `finish`;
+    `tokens` (every rank when shared) feeds the next step's deferred inputs on the device."""
+
+    rows: list[int]  # indices of the step's states that get a token
+    sample: DeviceSample | None
+    tokens: torch.Tensor | None
 
 
 class ModelRunner:
@@ -96,16 +107,16 @@ class ModelRunner:
         self.num_blocks = num_blocks
 
     def capture_graphs(self) -> None:
-        """Decode CUDA graphs for batch sizes up to max_num_seqs (CUDA only, unless enforce_eager)."""
-        if self.device.type != "cuda" or self.config.enforce_eager:
-            return
-        if self.ctx.pp_size > 1:  # the graphs start from ids and end in logits: one whole-model stage only
-            logger.info("pipeline stage %d runs decode eagerly (no CUDA graphs with pp > 1)", self.ctx.pp_rank)
+        """Decode CUDA graphs for batch sizes up to max_num_seqs (CUDA only, unless enforce_eager;
+        DISTRT_EAGER_GRAPHS=1 runs the graph plumbing eagerly on CPU, for tests)."""
+        emulate = os.environ.get("DISTRT_EAGER_GRAPHS") == "1"
+        if (self.device.type != "cuda" and not emulate) or self.config.enforce_eager:
             return
         max_blocks = -(-self.config.scheduler.max_model_len // self.config.cache.block_size)
         self.graphs = DecodeGraphs(self.model, self.kv_caches, self.config.scheduler.max_num_seqs, max_blocks,
-                                   self.device)
-        self.graphs.capture()
+                                   self.device, first=self.ctx.is_first_stage, last=self.ctx.is_last_stage,
+                                   hidden_size=self.config.model.hidden_size, dtype=self.ctx.dtype)
+        self.graphs.capture(eager_replay=self.device.type != "cuda")
 
     def release(self) -> None:
         """Free the KV pool and CUDA graphs (the graphs hold the pool's addresses)."""
@@ -118,7 +129,10 @@ class ModelRunner:
             torch.cuda.empty_cache()
 
     # -- one step -----------------------------------------------------------------------------
-    def prepare(self, states: list[RequestState], num_tokens: list[int]) -> BatchInputs:
+    def prepare(self, states: list[RequestState], num_tokens: list[int],
+                fills: dict[int, int] | None = None, prev_tokens: torch.Tensor | None = None) -> BatchInputs:
+        """`fills`: state index -> row of `prev_tokens` (the previous step's samples, on the device)
+        that is the input id of that state's one scheduled token (a deferred decode)."""
         bs = self.config.cache.block_size
         ids: list[int] = []
         pos: list[int] = []
@@ -147,8 +161,16 @@ class ModelRunner:
             flat_tables.extend(st.block_ids)
             flat_tables.extend([0] * (max_blocks - len(st.block_ids)))
         t = len(ids)
-        # two host buffers, two copies: [ids | positions | slots | sample_idx] and [qsl | seq_lens | tables]
-        h64 = torch.tensor(ids + pos + slots + sample_idx, dtype=torch.int64)
+        fill_pos: list[int] = []
+        fill_src: list[int] = []
+        for i, row in (fills or {}).items():
+            if num_tokens[i] != 1 or states[i].num_pending != 1:
+                raise RuntimeError(f"deferred input of {states[i].req_id}: {num_tokens[i]} tokens scheduled, "
+                                   f"{states[i].num_pending} placeholders")
+            fill_pos.append(qsl[i + 1] - 1)
+            fill_src.append(row)
+        # two host buffers, two copies: [ids | positions | slots | sample_idx | fills] and [qsl | seq_lens | tables]
+        h64 = torch.tensor(ids + pos + slots + sample_idx + fill_pos + fill_src, dtype=torch.int64)
         h32 = torch.tensor(qsl + seq_lens + flat_tables, dtype=torch.int32)
         if self.device.type == "cuda":
             d64 = h64.pin_memory().to(self.device, non_blocking=True)
@@ -164,8 +186,15 @@ class ModelRunner:
             max_seq_len=max(seq_lens),
             is_decode_only=max(num_tokens) == 1,
         )
-        return BatchInputs(input_ids=d64[:t], positions=d64[t: 2 * t], meta=meta, sample_rows=sample_rows,
-                           sample_token_idx=d64[3 * t:])
+        input_ids = d64[:t]
+        ns = len(sample_idx)
+        if fill_pos:
+            assert prev_tokens is not None, "deferred inputs need the previous step's samples"
+            nf = len(fill_pos)
+            f = d64[3 * t + ns:]
+            input_ids[f[:nf]] = prev_tokens[f[nf:]]
+        return BatchInputs(input_ids=input_ids, positions=d64[t: 2 * t], meta=meta, sample_rows=sample_rows,
+                           sample_token_idx=d64[3 * t: 3 * t + ns])
 
     @torch.inference_mode()
     def forward_logits(self, inputs: BatchInputs) -> torch.Tensor:
@@ -182,6 +211,15 @@ class ModelRunner:
         None elsewhere (after sending the activations on). Without a link (profiling) a later stage
         starts from zeros and an earlier one keeps its output."""
         first, last = self.ctx.is_first_stage, self.ctx.is_last_stage
+        g = self.graphs
+        t = inputs.positions.shape[0]
+        if link is not None and g is not None and inputs.meta.is_decode_only and g.padded_size(t) is not None:
+            stage_in = None if first else link.recv_stacked(t)
+            out = g.run(inputs.input_ids if first else None, inputs.positions, inputs.meta, stage_in)
+            if not last:
+                link.send_stacked(out)
+                return None
+            return out[inputs.sample_token_idx]
         hidden = residual = None
         if not first:
             t = inputs.positions.shape[0]
@@ -202,21 +240,48 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, states: list[RequestState], num_tokens: list[int], link: StageLink | None = None,
                 sample: bool = True) -> tuple[list[int], SamplerOutput]:
-        """Forward the batch; returns (indices of states that got a token, sampler output). Only the
-        last stage has logits; only where `sample` (the output rank) are they turned into tokens."""
-        inputs = self.prepare(states, num_tokens)
+        """Forward the batch and wait for its tokens: (indices of states that got one, sampler output)."""
+        return self.finish(self.launch(states, num_tokens, link, sample))
+
+    @torch.inference_mode()
+    def launch(self, states: list[RequestState], num_tokens: list[int], link: StageLink | None = None,
+               sample: bool = True, fills: dict[int, int] | None = None, prev_tokens: torch.Tensor | None = None,
+               share: bool = False) -> Launched:
+        """Queues the batch's forward and sampling on the device (no host sync). Only the last stage
+        has logits; only where `sample` (the output rank) are they turned into tokens. `share`
+        (pp == 1, tp > 1): the output rank broadcasts the sampled ids over the TP group, so every
+        rank can feed them to the next step's deferred inputs."""
+        inputs = self.prepare(states, num_tokens, fills, prev_tokens)
         if self.ctx.pp_size == 1:
             logits = self.forward_logits(inputs)
         else:
             logits = self.forward_stage(inputs, link)
-        if logits is None or not sample or not inputs.sample_rows:
+        if logits is None or not inputs.sample_rows:
+            return Launched([], None, None)
+        ds = None
+        if sample:
+            rows = []
+            for i in inputs.sample_rows:
+                st = states[i]
+                pen = st.sampling.needs_penalties
+                rows.append(SamplerRow(st.sampling, st.num_output_tokens, st.token_ids[: st.num_prompt_tokens] if pen else [],
+                                       st.token_ids[st.num_prompt_tokens:] if pen else []))
+            ds = self.sampler.sample(logits, rows)
+            tokens: torch.Tensor | None = ds.tokens
+        else:
+            tokens = torch.empty(len(inputs.sample_rows), dtype=torch.int64, device=self.device) if share else None
+        if share and self.ctx.tp_size > 1:
+            assert tokens is not None
+            tokens = self.ctx.tp_comm.broadcast(tokens, src=0)
+        if ds is not None:
+            ds.start_copy()
+        return Launched(inputs.sample_rows, ds, tokens)
+
+    @staticmethod
+    def finish(launched: Launched) -> tuple[list[int], SamplerOutput]:
+        if launched.sample is None:
             return [], SamplerOutput([], [])
-        rows = []
-        for i in inputs.sample_rows:
-            st = states[i]
-            rows.append(SamplerRow(st.sampling, st.num_output_tokens, st.token_ids[: st.num_prompt_tokens] if st.sampling.needs_penalties else [],
-                                   st.token_ids[st.num_prompt_tokens:] if st.sampling.needs_penalties else []))
-        return inputs.sample_rows, self.sampler(logits, rows)
+        return launched.rows, launched.sample.to_host()
 
 
 def _profile_spec():  # type: ignore[no-untyped-def]

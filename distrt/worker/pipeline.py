@@ -38,9 +38,19 @@ class StageLink:
 
     def recv(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden, residual), each [T, hidden], from the previous stage."""
-        assert not self.is_first, "the first stage embeds its input ids"
-        buf = self.comm.recv((2, num_tokens, self.hidden_size), self.dtype, self.stage - 1)  # [2, T, hidden]
+        buf = self.recv_stacked(num_tokens)
         return buf[0], buf[1]
+
+    def recv_stacked(self, num_tokens: int) -> torch.Tensor:
+        """[2, T, hidden] (hidden; residual) from the previous stage."""
+        assert not self.is_first, "the first stage embeds its input ids"
+        return self.comm.recv((2, num_tokens, self.hidden_size), self.dtype, self.stage - 1)
+
+    def send_stacked(self, buf: torch.Tensor) -> None:
+        """Hands [2, T, hidden] (hidden; residual) to the next stage."""
+        assert not self.is_last, "the last stage samples; it has no one to send to"
+        assert buf.dim() == 3 and buf.shape[0] == 2 and buf.shape[-1] == self.hidden_size, buf.shape
+        self.comm.send(buf.to(self.dtype), self.stage + 1)
 
     def send(self, hidden: torch.Tensor, residual: torch.Tensor) -> None:
         """Hands (hidden, residual), each [T, hidden], to the next stage."""

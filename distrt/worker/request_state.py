@@ -15,6 +15,16 @@ class RequestState:
     block_ids: list[int]
     num_computed_tokens: int
     sampling: SamplingSpec
+    num_pending: int = 0  # trailing token_ids that are placeholders for samples still on the device
+
+    def add_tokens(self, new: tuple[int, ...] | list[int]) -> None:
+        """Tokens from the coordinator fill placeholders first, then extend the sequence."""
+        for t in new:
+            if self.num_pending:
+                self.token_ids[len(self.token_ids) - self.num_pending] = t
+                self.num_pending -= 1
+            else:
+                self.token_ids.append(t)
 
     @staticmethod
     def from_new(r: NewRequest) -> "RequestState":

@@ -8,6 +8,7 @@ coordinator sends, never its own samples, so every stage and TP rank holds the s
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,9 +16,22 @@ import torch
 from distrt.config import EngineConfig
 from distrt.messages import RequestId, StepPlan, StepResult, TokenLogprobs
 from distrt.models.shard import ShardContext
-from distrt.worker.model_runner import ModelRunner, resolve_dtype
+from distrt.worker.model_runner import Launched, ModelRunner, resolve_dtype
 from distrt.worker.pipeline import StageLink
 from distrt.worker.request_state import RequestState
+
+
+@dataclass
+class PendingStep:
+    """A launched plan whose tokens are still on the device (see Worker.launch)."""
+
+    step_id: int
+    states: list[RequestState]
+    launched: Launched | None
+    t0: float
+    expert_load: dict[int, tuple[int, ...]] | None = None
+    start_event: Any = None  # CUDA events around the step's device work (output rank, CUDA only)
+    end_event: Any = None
 
 
 class Worker:
@@ -40,6 +54,13 @@ class Worker:
         # the output rank (TP rank 0 of the last stage) samples; the others' tokens would only be discarded
         self.samples = self.ctx.is_last_stage and tp_rank == 0
         self.states: dict[RequestId, RequestState] = {}
+        # async scheduling (pp == 1): the last launched step's samples feed deferred inputs; with
+        # tp > 1 the output rank broadcasts them so every rank has them (messages.py)
+        self.share = pp_size == 1 and tp_size > 1 and config.scheduler.async_scheduling
+        self._prev_tokens: torch.Tensor | None = None
+        self._prev_rows: dict[RequestId, int] = {}
+        self._last_end_event: Any = None
+        self._timed = self.samples and dev.type == "cuda"
 
     def determine_num_blocks(self) -> int:
         return self.runner.determine_num_blocks()
@@ -48,26 +69,37 @@ class Worker:
         self.runner.init_kv_cache(num_blocks)
         self.runner.capture_graphs()
 
-    def apply_plan(self, plan: StepPlan) -> tuple[list[RequestState], list[int]]:
+    def apply_plan(self, plan: StepPlan) -> tuple[list[RequestState], list[int], dict[int, int]]:
+        """Applies the diff; returns the batch's states, token counts and deferred inputs
+        (state index -> row of the previous step's samples)."""
         if plan.expert_placements:
             self._apply_expert_placements(plan)
         for rid in plan.finished_ids:
             self.states.pop(rid, None)
         for new in plan.new_requests:
             self.states[new.req_id] = RequestState.from_new(new)
+        deferred: set[RequestId] = set()
         for c in plan.cached_requests:
             st = self.states[c.req_id]
             st.block_ids.extend(c.new_block_ids)
-            st.token_ids.extend(c.new_token_ids)
+            st.add_tokens(c.new_token_ids)
+            if c.deferred:
+                if st.num_pending or c.req_id not in self._prev_rows:
+                    raise RuntimeError(f"worker out of sync on {c.req_id}: deferred input without a sample "
+                                       "from the previous step")
+                st.token_ids.append(-1)
+                st.num_pending = 1
+                deferred.add(c.req_id)
             if st.num_computed_tokens != c.num_computed_tokens:
                 raise RuntimeError(f"worker out of sync on {c.req_id}: {st.num_computed_tokens} != {c.num_computed_tokens}")
         states = [self.states[rid] for rid in plan.num_scheduled_tokens]
         counts = list(plan.num_scheduled_tokens.values())
+        fills = {i: self._prev_rows[st.req_id] for i, st in enumerate(states) if st.req_id in deferred}
         for st, n in zip(states, counts):
             if st.num_computed_tokens + n > len(st.token_ids):
                 raise RuntimeError(f"worker out of sync on {st.req_id}: {n} tokens scheduled after "
                                    f"{st.num_computed_tokens}, but it holds {len(st.token_ids)}")
-        return states, counts
+        return states, counts, fills
 
     def _apply_expert_placements(self, plan: StepPlan) -> None:
         """Collective over the TP group: every rank gets the same updates and moves weights in step."""
@@ -87,23 +119,51 @@ class Worker:
         return {i: tuple(int(c) for c in counts.tolist()) for i, counts in self.runner.model.take_expert_load().items()}
 
     def execute(self, plan: StepPlan) -> StepResult:
+        return self.finish(self.launch(plan))
+
+    def launch(self, plan: StepPlan) -> PendingStep:
+        """Applies the plan and queues its device work without waiting for it; `finish` collects
+        the tokens. Plans are launched in order; a deferred input reads the previous launch's samples."""
         t0 = time.perf_counter()
-        states, counts = self.apply_plan(plan)
+        states, counts, fills = self.apply_plan(plan)
+        load = self._expert_load(plan)  # every rank clears its counts; the output rank reports them
         if not states:
-            return StepResult(plan.step_id, expert_load=self._expert_load(plan) if self.samples else None)
-        rows, out = self.runner.execute(states, counts, self.link, self.samples)
+            return PendingStep(plan.step_id, [], None, t0, load)
+        start = end = None
+        if self._timed:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+        launched = self.runner.launch(states, counts, self.link, self.samples, fills, self._prev_tokens, self.share)
+        if self._timed:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
         for st, n in zip(states, counts):
             st.num_computed_tokens += n
+        self._prev_tokens = launched.tokens
+        self._prev_rows = {states[row].req_id: j for j, row in enumerate(launched.rows)}
+        return PendingStep(plan.step_id, states, launched, t0, load, start, end)
+
+    def finish(self, p: PendingStep) -> StepResult:
+        """Waits for a launched step's tokens (output rank); other ranks get an empty result."""
+        load = p.expert_load if self.samples else None
+        if p.launched is None or not self.samples:
+            return StepResult(p.step_id, expert_load=load)
+        rows, out = self.runner.finish(p.launched)
         sampled: dict[RequestId, int] = {}
         logprobs: dict[RequestId, TokenLogprobs] = {}
         for row, tok, lp in zip(rows, out.token_ids, out.logprobs):
-            st = states[row]
+            st = p.states[row]
             sampled[st.req_id] = tok
             if lp is not None:
                 logprobs[st.req_id] = TokenLogprobs(lp[0], tuple(lp[1]), tuple(lp[2]))
-        load = self._expert_load(plan)  # every rank clears its counts; the output rank reports them
-        return StepResult(plan.step_id, sampled, logprobs, time.perf_counter() - t0,
-                          expert_load=load if self.samples else None)
+        idle = None
+        if p.end_event is not None:
+            p.end_event.synchronize()
+            if self._last_end_event is not None:
+                idle = max(0.0, self._last_end_event.elapsed_time(p.start_event)) / 1e3
+            self._last_end_event = p.end_event
+        return StepResult(p.step_id, sampled, logprobs, time.perf_counter() - p.t0, expert_load=load,
+                          gpu_idle_s=idle)
 
     def shutdown(self) -> None:
         self.states.clear()

@@ -106,3 +106,20 @@ def test_kv_pool_sized_from_free_memory(ckpt: str) -> None:
         # half of the free memory went to KV, about as much is still free (minus CUDA graphs)
         assert 0.3 < kv_bytes / free < 3.0, (kv_bytes, free)
         assert llm.engine.allocator.num_blocks == runner.num_blocks
+
+
+def test_async_scheduling_equals_sync_on_gpu(ckpt: str) -> None:
+    """Two plans in flight with deferred decode inputs (sampled ids fed back on the GPU) give the
+    synchronous loop's tokens, greedy and seeded sampling, in bf16 with CUDA graphs."""
+    ps = prompts(32000)
+    sps = [SamplingParams(temperature=0.0 if i % 2 else 0.8, seed=i, max_tokens=20 + 5 * i, ignore_eos=True)
+           for i in range(len(ps))]
+    runs = []
+    for async_scheduling in (False, True):
+        with LLM(ckpt, dtype="bfloat16", device="cuda", max_model_len=1024, max_num_seqs=8, kv_cache_memory=0.3,
+                 async_scheduling=async_scheduling) as llm:
+            runs.append([o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in ps], sps,
+                                                                       use_tqdm=False)])
+            assert llm.engine.max_in_flight_seen == (2 if async_scheduling else 1)
+        torch.cuda.empty_cache()
+    assert runs[0] == runs[1]

@@ -35,8 +35,15 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> str:
     return make_tiny_checkpoint(str(tmp_path_factory.mktemp("ppg")), "llama-gqa", num_hidden_layers=5)
 
 
-def test_pp3_uneven_stages_match_one_worker_under_gloo(ckpt: str) -> None:
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "stage-graphs"])
+def test_pp3_uneven_stages_match_one_worker_under_gloo(ckpt: str, graphs: bool,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """stage-graphs: each stage's decode steps go through its DecodeGraphs' static buffers (replayed
+    eagerly on CPU: DISTRT_EAGER_GRAPHS), the path CUDA graphs take on GPUs."""
     from distrt.parallel.comm_torch_dist import tcp_init_method
+
+    if graphs:
+        monkeypatch.setenv("DISTRT_EAGER_GRAPHS", "1")
     from pp_checks import worker_decode
 
     want = worker_decode(ckpt, 0, 1, None, None, STEPS, share=lambda obj: obj)

@@ -81,17 +81,21 @@ def bench_bs1(llm: Any, prompt_len: int = 128, new: int = 256) -> tuple[float, f
     return ms, overhead
 
 
-def bench_throughput(llm: Any, n: int = 512, inp: int = 128, out: int = 128) -> float:
+def bench_throughput(llm: Any, n: int = 512, inp: int = 128, out: int = 128) -> tuple[float, float]:
+    """(output tokens/s, the output rank's GPU idle share: with pp the last stage's pipeline bubble)."""
     from distrt import SamplingParams
 
     prompts = [{"prompt_token_ids": [(i * 7 + j) % 30000 + 10 for j in range(inp)]} for i in range(n)]
     sp = SamplingParams(temperature=0, max_tokens=out, ignore_eos=True)
     llm.generate(prompts[:8], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     torch.cuda.synchronize()
+    timer = _Timed(llm._executor)
     t = time.perf_counter()
     res = llm.generate(prompts, sp, use_tqdm=False)
     dt = time.perf_counter() - t
-    return sum(len(r.outputs[0].token_ids) for r in res) / dt
+    timer.restore()
+    idle = sum(i for _, i, _ in timer.samples if i is not None)
+    return sum(len(r.outputs[0].token_ids) for r in res) / dt, idle / dt
 
 
 def _allreduce_rank(rank: int, uid: bytes, sizes: list[int], q: Any) -> None:
@@ -169,9 +173,10 @@ def main() -> None:
         name = f"tp{tp}_{ex}" if pp == 1 else f"pp{pp}_{ex}"
         llm = _llm(a.shape, tp, ex, 256, 512, pp=pp)
         ms, ovh = bench_bs1(llm)
-        thr = (bench_throughput(llm, a.requests) if ex in ("local", a.executors.split(",")[0]) or pp > 1
-               else float("nan"))
-        runs[name] = {"bs1_ms_per_token": ms, "step_overhead_ms": ovh, "throughput_tok_s": thr}
+        thr, idle = (bench_throughput(llm, a.requests) if ex in ("local", a.executors.split(",")[0]) or pp > 1
+                     else (float("nan"), float("nan")))
+        runs[name] = {"bs1_ms_per_token": ms, "step_overhead_ms": ovh, "throughput_tok_s": thr,
+                      "gpu_idle_fraction_saturated": idle}
         print(name, runs[name], flush=True)
         llm.shutdown()
         del llm
@@ -193,6 +198,8 @@ def main() -> None:
     metrics["pp2_vs_pp1_bs1_latency"] = p2["bs1_ms_per_token"] / t1["bs1_ms_per_token"]
     metrics["pp2_throughput_tok_s"] = p2["throughput_tok_s"]
     metrics["pp2_vs_tp1_throughput"] = p2["throughput_tok_s"] / t1["throughput_tok_s"]
+    metrics["pp2_bubble_fraction"] = p2["gpu_idle_fraction_saturated"]  # last stage idle share, saturated
+    metrics["pp2_vs_tp2_throughput"] = p2["throughput_tok_s"] / t2["throughput_tok_s"]
     details["runs"] = runs
     print(write_result(out, metrics, details))
 

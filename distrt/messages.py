@@ -131,6 +131,7 @@ class StepResult:
     logprobs: dict[RequestId, TokenLogprobs] = field(default_factory=dict)
     exec_time_s: float = 0.0  # the worker's time from taking the plan to returning its tokens
     # CUDA: how long the GPU sat idle between the end of the previous step's work and this one's
-    # (CUDA events on the output rank; None for the first step or off CUDA)
+    # start (CUDA events on the output rank; a later pipeline stage counts the wait for the previous
+    # stage's activations as idle: its bubble); None for the first step or off CUDA
     gpu_idle_s: float | None = None
     expert_load: dict[int, tuple[int, ...]] | None = None  # layer -> tokens per logical expert

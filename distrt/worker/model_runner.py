@@ -57,6 +57,8 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0
         self.graphs: DecodeGraphs | None = None
+        self.time_stages = False
+        self.received_event: torch.cuda.Event | None = None
 
     # -- KV cache ---------------------------------------------------------------------------
     @property
@@ -205,6 +207,13 @@ class ModelRunner:
         hidden, _ = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
         return self.model.compute_logits(hidden[inputs.sample_token_idx])
 
+    def _mark_received(self) -> None:
+        """A later stage's work starts once the previous stage's activations are in (pipeline bubbles
+        count as idle: Worker's step timing starts here when `time_stages` is set)."""
+        if self.time_stages:
+            self.received_event = torch.cuda.Event(enable_timing=True)
+            self.received_event.record()
+
     @torch.inference_mode()
     def forward_stage(self, inputs: BatchInputs, link: StageLink | None) -> torch.Tensor | None:
         """A pipeline stage's share of the forward: logits of the sampled rows on the last stage,
@@ -215,6 +224,7 @@ class ModelRunner:
         t = inputs.positions.shape[0]
         if link is not None and g is not None and inputs.meta.is_decode_only and g.padded_size(t) is not None:
             stage_in = None if first else link.recv_stacked(t)
+            self._mark_received()
             out = g.run(inputs.input_ids if first else None, inputs.positions, inputs.meta, stage_in)
             if not last:
                 link.send_stacked(out)
@@ -225,6 +235,7 @@ class ModelRunner:
             t = inputs.positions.shape[0]
             if link is not None:
                 hidden, residual = link.recv(t)
+                self._mark_received()
             else:
                 hidden = torch.zeros(t, self.config.model.hidden_size, dtype=self.ctx.dtype, device=self.device)
                 residual = torch.zeros_like(hidden)

@@ -61,6 +61,7 @@ class Worker:
         self._prev_rows: dict[RequestId, int] = {}
         self._last_end_event: Any = None
         self._timed = self.samples and dev.type == "cuda"
+        self.runner.time_stages = self._timed and pp_size > 1
 
     def determine_num_blocks(self) -> int:
         return self.runner.determine_num_blocks()
@@ -133,10 +134,12 @@ class Worker:
         if self._timed:
             start = torch.cuda.Event(enable_timing=True)
             start.record()
+        self.runner.received_event = None
         launched = self.runner.launch(states, counts, self.link, self.samples, fills, self._prev_tokens, self.share)
         if self._timed:
             end = torch.cuda.Event(enable_timing=True)
             end.record()
+            start = self.runner.received_event or start  # a later stage: idle until the activations arrive
         for st, n in zip(states, counts):
             st.num_computed_tokens += n
         self._prev_tokens = launched.tokens

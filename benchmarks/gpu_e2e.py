@@ -72,14 +72,13 @@ def bench_ours(shape: str, prompt_len: int, new: int, async_scheduling: bool = T
 
 
 def bench_hf(shape: str, prompt_len: int, new: int) -> float:
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
-    from distrt.models.shapes import shape_config
+    from distrt.models.shapes import fill_random_, hf_config, shape_config
 
-    raw = shape_config(shape)
-    cfg = LlamaConfig(**{k: v for k, v in raw.items() if k not in ("architectures", "torch_dtype")})
     with torch.device("cuda"):
-        hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+        hf = AutoModelForCausalLM.from_config(hf_config(shape_config(shape)), dtype=torch.bfloat16).eval()
+    fill_random_(hf)  # the weights distrt ran
     ids = torch.arange(100, 100 + prompt_len, device="cuda")[None]
 
     def run(n: int) -> float:

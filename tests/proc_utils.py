@@ -1,4 +1,5 @@
-"""Process helpers for tests that start workers: is a pid alive, wait until pids are gone."""
+"""Process helpers for tests that start workers: is a pid alive, wait until pids are gone, which
+processes have a string in their command line."""
 
 from __future__ import annotations
 
@@ -27,3 +28,16 @@ def wait_gone(pids: list[int], timeout: float) -> bool:
             return True
         time.sleep(0.2)
     return not any(alive(p) for p in pids)
+
+
+def processes_with(needle: str) -> list[int]:
+    """Pids whose command line contains `needle` (e.g. a job's private Ray temp dir)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if needle.encode() in f.read():
+                    pids.append(int(pid))
+        except OSError:
+            pass
+    return pids

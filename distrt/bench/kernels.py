@@ -16,19 +16,15 @@ fraction slightly above 1 is expected at large batch.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-
+from distrt.bench.results import write_result
 from distrt.kernels import paged_attention as pa  # noqa: E402
 from distrt.kernels.activation import silu_and_mul  # noqa: E402
 from distrt.kernels.kv_cache import write_kv_cache  # noqa: E402
@@ -45,15 +41,6 @@ def device_slug(name: str) -> str:
     if known:
         return known.group(1)
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).resolve().parents[1])
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("DISTRT_COMMIT", "unknown")
 
 
 def bench_ms(fn: Callable[[], Any], quick: bool = False) -> float:
@@ -300,17 +287,8 @@ def main(argv: list[str] | None = None) -> None:
                                "versions": dict(torch=torch.__version__, triton=__import__("triton").__version__)}
     if args.tune:
         details["tune"] = tune(copy_gbps)
-    result = {
-        "device": name,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_commit(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "metrics": metrics,
-        "details": details,
-    }
     out = args.out or Path("benchmarks") / "results" / device_slug(name) / "kernels.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(str(out), metrics, details)
 
     print(f"\n{name}  copy {copy_gbps:.0f} GB/s  bf16 GEMM {gemm_tflops:.0f} TFLOP/s")
     print(f"{'decode batch':>12} {'context':>8} {'splits':>6} {'us':>9} {'eager us':>9} {'GB/s':>7} {'frac':>6}")

@@ -4,9 +4,11 @@
         --baseline generate_batch --out results.json --plot tput.png
     distrt bench latency --shape llama-3.1-8b --batch-sizes 1,8,32,128 --input-len 128 --output-len 128
 
-Results are JSON ({"device","date","commit","command","metrics","details"}) and, with --plot, a PNG.
-The transformers baselines (`generate`: padded static batches; `generate_batch`: its continuous
-batching) run on the same shapes in the same process, after distrt has released the GPU.
+Results are JSON ({"device","date","commit","command","metrics","details"}) and, with --plot, a PNG,
+written once distrt's run is done and again after the baselines. The transformers baselines
+(`generate`: padded static batches; `generate_batch`: its continuous batching; bench/hf_baselines.py)
+run on identical weights and lengths in the same process, after distrt has released the GPU,
+optionally on the first --hf-num-prompts prompts and under --hf-time-cap-s, reported per output token.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import time
 from typing import Any
@@ -38,6 +41,12 @@ def add_offline_subcommands(bench_sub: argparse._SubParsersAction) -> None:
             p.add_argument("--dataset", default=None, help="JSONL: {prompt | prompt_token_ids, [output_len]} per line")
             p.add_argument("--baseline", default="none", choices=["none", "generate", "generate_batch", "both"])
             p.add_argument("--hf-batch-size", type=int, default=64)
+            p.add_argument("--hf-num-prompts", type=int, default=0,
+                           help="run the transformers baselines on the first N prompts only (0: all)")
+            p.add_argument("--hf-time-cap-s", type=float, default=0.0,
+                           help="stop a transformers baseline after this many seconds and count what it produced (0: none)")
+            p.add_argument("--time-budget-s", type=float, default=0.0,
+                           help="the whole command's wall-clock budget: baselines are cut (or skipped) to end 25 s before it")
         else:
             p.add_argument("--batch-sizes", default="1,8,32,128")
         p.set_defaults(func=fn)
@@ -81,6 +90,7 @@ def _release(llm: Any) -> None:
 def run_throughput(a: argparse.Namespace) -> int:
     from distrt import SamplingParams
 
+    deadline = time.perf_counter() + a.time_budget_s - 25 if a.time_budget_s else None  # room to stop, free, write
     llm = _llm(a, a.input_len + a.output_len + 8)
     prompts, out_lens = _workload(a, llm.config.model.vocab_size)
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in out_lens]
@@ -92,24 +102,71 @@ def run_throughput(a: argparse.Namespace) -> int:
     in_tokens = sum(len(r.prompt_token_ids) for r in res)
     metrics: dict[str, float] = {"output_tok_s": out_tokens / dt, "total_tok_s": (in_tokens + out_tokens) / dt,
                                  "requests_s": len(res) / dt}
+    stats = getattr(getattr(llm.engine, "scheduler", None), "stats", None)
     details: dict[str, Any] = {"model": a.shape or a.model, "num_prompts": len(res), "input_len": a.input_len,
-                               "output_len": a.output_len, "seconds": dt, "tp": a.tp, "pp": a.pp}
+                               "output_len": a.output_len, "seconds": dt, "tp": a.tp, "pp": a.pp,
+                               "max_num_seqs": a.max_num_seqs, "kv_cache_memory": a.kv_cache_memory,
+                               "num_kv_blocks": llm.engine.allocator.num_blocks if hasattr(llm.engine, "allocator") else None,
+                               "block_size": a.block_size,
+                               "preemptions": getattr(stats, "num_preemptions", None)}
+    _report(a, metrics, details, plot=lambda path: _plot_bars(path, metrics))  # distrt's numbers are safe now
     raw_cfg = dict(llm.config.model.hf_config)
     ids = [r.prompt_token_ids for r in res]
+    ours_first = [r.outputs[0].token_ids[:1] for r in res]
     _release(llm)
+    del llm, res
+    gc.collect()
+    if a.baseline == "none":
+        return 0
+    if deadline is not None and deadline - time.perf_counter() < 30:  # no time to build the model and run
+        details["hf_baselines"] = "skipped: the time budget was spent"
+        _report(a, metrics, details, plot=lambda path: _plot_bars(path, metrics))
+        return 0
+    k = a.hf_num_prompts or len(ids)
+    sub_ids, sub_lens = ids[:k], out_lens[:k]
+    from distrt.bench import hf_baselines as hb
+
+    model = hb.hf_model(raw_cfg, a.model, a.shape)
+    details["hf_weights"] = "identical (shape checkpoint filled by name)" if a.shape else "the same checkpoint"
     if a.baseline in ("generate", "both"):
-        hf = _hf_generate(raw_cfg, ids, out_lens, a.hf_batch_size)
-        metrics["hf_generate_output_tok_s"] = hf
-        metrics["throughput_vs_hf_generate"] = metrics["output_tok_s"] / hf
+        r = hb.hf_generate(model, sub_ids, sub_lens, a.hf_batch_size, a.hf_time_cap_s, deadline)
+        if r is None:
+            details["hf_generate"] = "skipped: the time budget was spent"
+        else:
+            metrics["hf_generate_output_tok_s"] = r["output_tok_s"]
+            metrics["throughput_vs_hf_generate"] = metrics["output_tok_s"] / r["output_tok_s"]
+            details["hf_generate"] = {**r, "num_prompts": len(sub_ids), "batch": a.hf_batch_size}
     if a.baseline in ("generate_batch", "both"):
-        hf = _hf_generate_batch(raw_cfg, ids, out_lens)
-        metrics["hf_generate_batch_output_tok_s"] = hf
-        metrics["throughput_vs_hf_generate_batch"] = metrics["output_tok_s"] / hf
+        _generate_batch_baseline(hb.hf_generate_batch(model, sub_ids, sub_lens, a.hf_time_cap_s, deadline),
+                                 ours_first, metrics, details, a.hf_time_cap_s)
+    hb.release(model)
     _report(a, metrics, details, plot=lambda path: _plot_bars(path, metrics))
+    if a.time_budget_s and hb.lingering_threads():  # results are written; do not wait out the budget on a stuck thread
+        print(f"!! exiting with threads still running: {hb.lingering_threads()}", flush=True)
+        os._exit(0)
     return 0
 
 
+def _generate_batch_baseline(r: dict[str, Any] | None, ours_first: list[list[int]], metrics: dict[str, float],
+                             details: dict[str, Any], cap: float) -> None:
+    if r is None:
+        details["hf_generate_batch"] = "skipped: the time budget was spent"
+        return
+    toks = r.pop("tokens")
+    details["hf_generate_batch"] = {**r, "num_prompts": len(toks), "time_cap_s": cap}
+    if not r["output_tokens"]:
+        return  # nothing came back within the cap: no rate to quote
+    pairs = [(o, t) for o, t in zip(ours_first, toks) if o and t]
+    metrics["hf_generate_batch_output_tok_s"] = r["output_tok_s"]
+    metrics["throughput_vs_hf_generate_batch"] = metrics["output_tok_s"] / r["output_tok_s"]
+    # same weights => the same greedy first token, up to bf16 rounding on near-ties
+    metrics["hf_first_token_agreement"] = sum(o[0] == t[0] for o, t in pairs) / max(1, len(pairs))
+    details["hf_generate_batch"]["compared_first_tokens"] = len(pairs)
+
+
 def run_latency(a: argparse.Namespace) -> int:
+    """Decode step time = the interval between consecutive results of decode-only plans, which is
+    the step time whether the engine keeps one plan in flight or more."""
     from distrt import SamplingParams
 
     sizes = [int(x) for x in a.batch_sizes.split(",")]
@@ -117,29 +174,38 @@ def run_latency(a: argparse.Namespace) -> int:
     llm = _llm(a, a.input_len + a.output_len + 8)
     vocab = llm.config.model.vocab_size
     ex = llm._executor
-    inner = ex.execute
+    submit, collect = ex.execute_async, ex.wait
+    decode_only: dict[int, bool] = {}
+    done_at: list[tuple[float, int]] = []
+
+    def timed_submit(plan: Any) -> Any:
+        decode_only[plan.step_id] = bool(plan.num_scheduled_tokens) and max(plan.num_scheduled_tokens.values()) == 1
+        return submit(plan)
+
+    def timed_wait(handle: Any) -> Any:
+        r = collect(handle)
+        done_at.append((time.perf_counter(), handle.step_id))
+        return r
+
     rows = []
     for bs in sizes:
         prompts = [{"prompt_token_ids": [(i * 31 + j) % (vocab - 10) + 5 for j in range(a.input_len)]} for i in range(bs)]
         llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True), use_tqdm=False)
-        steps: list[float] = []
-
-        def timed(plan: Any) -> Any:
-            t = time.perf_counter()
-            r = inner(plan)
-            if plan.num_scheduled_tokens and max(plan.num_scheduled_tokens.values()) == 1:
-                steps.append(time.perf_counter() - t)
-            return r
-
-        ex.execute = timed
+        decode_only.clear()
+        done_at.clear()
+        ex.execute_async, ex.wait = timed_submit, timed_wait
         t0 = time.perf_counter()
-        llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=a.output_len, ignore_eos=True), use_tqdm=False)
-        e2e = time.perf_counter() - t0
-        ex.execute = inner
-        steps.sort()
+        try:
+            llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=a.output_len, ignore_eos=True), use_tqdm=False)
+        finally:
+            e2e = time.perf_counter() - t0
+            ex.execute_async, ex.wait = submit, collect
+        steps = sorted(t1 - t0_ for (t0_, _), (t1, sid) in zip(done_at, done_at[1:]) if decode_only.get(sid))
+        if not steps:
+            raise RuntimeError(f"batch {bs}: no decode-only step was observed (output_len {a.output_len} too short?)")
         rows.append({"batch": bs, "step_ms_p50": 1e3 * statistics.median(steps),
                      "step_ms_p99": 1e3 * steps[min(len(steps) - 1, int(0.99 * len(steps)))],
-                     "e2e_s": e2e, "output_tok_s": bs * a.output_len / e2e})
+                     "decode_steps": len(steps), "e2e_s": e2e, "output_tok_s": bs * a.output_len / e2e})
         print(rows[-1], flush=True)
     _release(llm)
     metrics = {f"step_ms_p50_bs{r['batch']}": r["step_ms_p50"] for r in rows}
@@ -147,54 +213,6 @@ def run_latency(a: argparse.Namespace) -> int:
     metrics.update({f"output_tok_s_bs{r['batch']}": r["output_tok_s"] for r in rows})
     _report(a, metrics, {"model": a.shape or a.model, "rows": rows}, plot=lambda path: _plot_latency(path, rows))
     return 0
-
-
-def _hf_model(raw_cfg: dict[str, Any]) -> Any:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = AutoConfig.for_model(raw_cfg.get("model_type", "llama"),
-                               **{k: v for k, v in raw_cfg.items() if k not in ("architectures", "torch_dtype", "model_type",
-                                                                                "eos_token_ids")})
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    with torch.device(dev):
-        return AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval(), dev
-
-
-def _hf_generate(raw_cfg: dict[str, Any], prompts: list[list[int]], out_lens: list[int], batch: int) -> float:
-    import torch
-
-    model, dev = _hf_model(raw_cfg)
-    total = 0
-    t0 = time.perf_counter()
-    for i in range(0, len(prompts), batch):
-        chunk = prompts[i: i + batch]
-        width = max(map(len, chunk))
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk], device=dev)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=dev)
-        n = max(out_lens[i: i + batch])
-        with torch.no_grad():
-            model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-        total += n * len(chunk)
-    dt = time.perf_counter() - t0
-    del model
-    gc.collect()
-    return total / dt
-
-
-def _hf_generate_batch(raw_cfg: dict[str, Any], prompts: list[list[int]], out_lens: list[int]) -> float:
-    from transformers import GenerationConfig
-
-    model, _ = _hf_model(raw_cfg)
-    gen = GenerationConfig(max_new_tokens=max(out_lens), do_sample=False, eos_token_id=-1, pad_token_id=0)
-    t0 = time.perf_counter()
-    out = model.generate_batch(inputs=prompts, generation_config=gen)
-    dt = time.perf_counter() - t0
-    total = sum(len(o.generated_tokens) for o in out.values())
-    del model
-    gc.collect()
-    return total / dt
 
 
 def _report(a: argparse.Namespace, metrics: dict[str, float], details: dict[str, Any], plot: Any) -> None:

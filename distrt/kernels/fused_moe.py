@@ -53,17 +53,19 @@ def _check(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: t
 
 
 def fused_moe_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor) -> torch.Tensor:
-    """Plain torch, one expert at a time, fp32 math; [T, H] in x.dtype. The oracle and the CPU path."""
+                  topk_ids: torch.Tensor, math_dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+    """Plain torch, one expert at a time; [T, H] in x.dtype. The oracle and the CPU path (fp32 math);
+    math_dtype=None keeps the GEMMs in x.dtype (the per-expert loop the benchmarks compare against)."""
     _check(x, w13, w2, topk_weights, topk_ids)
     num_experts, inter = w13.shape[0], w13.shape[1] // 2
+    dt = math_dtype or x.dtype
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     valid = (topk_ids >= 0) & (topk_ids < num_experts)
     for e in torch.unique(topk_ids[valid]).tolist():
         tok, j = torch.nonzero(topk_ids == e, as_tuple=True)
-        h = x[tok].float() @ w13[e].float().t()  # [n, 2I]
-        y = (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]) @ w2[e].float().t()  # [n, H]
-        out.index_put_((tok,), y * topk_weights[tok, j].unsqueeze(1), accumulate=True)
+        h = x[tok].to(dt) @ w13[e].to(dt).t()  # [n, 2I]
+        y = (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]) @ w2[e].to(dt).t()  # [n, H]
+        out.index_put_((tok,), y.float() * topk_weights[tok, j].unsqueeze(1), accumulate=True)
     return out.to(x.dtype)
 
 

@@ -15,23 +15,12 @@ def build_model(cfg: ModelConfig, ctx: ShardContext) -> nn.Module:
     with torch.device(ctx.device):
         model = cls(cfg, ctx)
     if cfg.kind == "shape":
-        random_weights(model)
+        from distrt.models.shapes import random_checkpoint
+
+        model.load_weights(random_checkpoint(cfg.hf_config, ctx.dtype, ctx.device))
     else:
         model.load_weights(_weights(cfg, model))
     return model.eval()
-
-
-@torch.no_grad()
-def random_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
-    """Benchmark shapes: matrices ~ N(0, std), vectors (norms, biases) = 1 / 0."""
-    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    for name, p in model.named_parameters():
-        if p.dim() >= 2:
-            p.normal_(0.0, std, generator=g)
-        elif name.endswith("bias"):
-            p.zero_()
-        else:
-            p.fill_(1.0)
 
 
 def _weights(cfg: ModelConfig, model: nn.Module):  # type: ignore[no-untyped-def]

@@ -30,3 +30,21 @@ def test_bench_latency_rows(tmp_path: os.PathLike) -> None:
     rows = json.load(open(out))["details"]["rows"]
     assert [r["batch"] for r in rows] == [1, 2]
     assert all(r["step_ms_p99"] >= r["step_ms_p50"] > 0 for r in rows)
+
+
+def test_bench_throughput_generate_batch_baseline_on_a_subset(tmp_path: os.PathLike) -> None:
+    """transformers' continuous batching on the first 2 prompts, on distrt's weights: its greedy first
+    tokens are distrt's (fp32), and the subset and cap are recorded."""
+    out = os.path.join(tmp_path, "t.json")
+    assert main(["bench", "throughput", "--shape", "llama-tiny", "--device", "cpu", "--dtype", "float32",
+                 "--input-len", "8", "--output-len", "4", "--num-prompts", "4", "--baseline", "generate_batch",
+                 "--hf-num-prompts", "2", "--hf-time-cap-s", "120", "--out", out]) == 0
+    doc = json.load(open(out))
+    m, d = doc["metrics"], doc["details"]
+    assert m["hf_generate_batch_output_tok_s"] > 0
+    assert abs(m["throughput_vs_hf_generate_batch"] - m["output_tok_s"] / m["hf_generate_batch_output_tok_s"]) < 1e-9
+    assert m["hf_first_token_agreement"] == 1.0
+    hb = d["hf_generate_batch"]
+    assert hb["num_prompts"] == 2 and hb["compared_first_tokens"] == 2 and hb["time_cap_s"] == 120
+    assert not hb["capped"] and hb["finished"] == 2 and hb["output_tokens"] == 2 * 4
+    assert d["num_prompts"] == 4 and d["preemptions"] == 0

@@ -33,8 +33,9 @@ def teacher_forced(hf: Any, prompt_ids: list[list[int]], generated: list[list[in
     """HF's top-1 at every generated position given our tokens as context; agreement and logprob error."""
     agree = total = 0
     errs: list[float] = []
+    dev = next(hf.parameters()).device
     for i, (p, gen) in enumerate(zip(prompt_ids, generated)):
-        ids = torch.tensor([p + gen], device="cuda")
+        ids = torch.tensor([p + gen], device=dev)
         with torch.no_grad():
             logits = hf(ids).logits[0, len(p) - 1: len(p) + len(gen) - 1].float()
         lp = torch.log_softmax(logits, dim=-1)
@@ -42,7 +43,7 @@ def teacher_forced(hf: Any, prompt_ids: list[list[int]], generated: list[list[in
         agree += sum(int(a == b) for a, b in zip(top, gen))
         total += len(gen)
         if ours_logprobs is not None:
-            ref = lp.gather(1, torch.tensor(gen, device="cuda")[:, None]).squeeze(1).tolist()
+            ref = lp.gather(1, torch.tensor(gen, device=dev)[:, None]).squeeze(1).tolist()
             errs += [abs(a - b) for a, b in zip(ours_logprobs[i], ref)]
     out = {"top1_agreement": agree / total, "positions": float(total)}
     if errs:

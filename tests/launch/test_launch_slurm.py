@@ -17,6 +17,7 @@ import time
 import pytest
 
 from launch_helpers import PROMPT_ARGS, REPO, launch_env, lines, run
+from proc_utils import processes_with
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -72,18 +73,6 @@ def _sbatch(env: dict[str, str], script: str, sbatch_args: list[str], distrt_arg
     return job, text
 
 
-def _processes_with(needle: str) -> list[int]:
-    pids = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if needle.encode() in f.read():
-                    pids.append(int(pid))
-        except OSError:
-            pass
-    return pids
-
-
 @pytest.mark.parametrize("launcher", ["srun", "mpirun"])
 def test_sbatch_mpi_tp2_matches_local(slurm: dict[str, str], tiny_ckpt: str, local_text: str, tmp_path: object,
                                       launcher: str) -> None:
@@ -107,7 +96,7 @@ def test_sbatch_ray_tp2_matches_local(slurm: dict[str, str], tiny_ckpt: str, loc
                                         "executor join $RAY_ADDRESS?)\n" + out[-3000:])
         assert f"[distrt-ray] Ray stopped; its logs are in {ray_tmp}" in out, out[-2000:]
         deadline = time.monotonic() + 30
-        while (left := _processes_with(f"--temp-dir={ray_tmp}")) and time.monotonic() < deadline:
+        while (left := processes_with(f"--temp-dir={ray_tmp}")) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert not left, f"Ray processes of job {job} still running: {left}"
     finally:

@@ -32,7 +32,10 @@ the per-program counters of all ranks stay equal as long as every rank makes the
 calls (the same contract as NCCL: same order, same sizes, one stream at a time).
 
 Every rank computes ``((x_0 + x_1) + x_2) + ...`` in fp32 from the same bits, so results are
-bitwise identical across ranks (for two ranks also identical to NCCL's sum).
+bitwise identical across ranks (for two ranks also identical to NCCL's sum). Every rank's buffer
+addresses (as mapped in this process) are kernel arguments, tuples indexed by compile-time ranks:
+nothing on the critical path loads a pointer table, and a CUDA graph may freeze them (they never
+change); only the call counter has to live in memory.
 
 The wait is bounded by ``spin_limit`` polls (a poll is a local L2 load, well under a microsecond);
 past it the program records ``1 + peer`` in an error word and carries on with garbage, so a dead
@@ -51,6 +54,7 @@ import logging
 import socket
 import threading
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -101,9 +105,11 @@ def launch_grid(nbytes: int, chunk_bytes: int) -> int:
     return -(-nbytes // chunk_bytes)
 
 
-def _kernel(x_ptr, data_table, flag_table, counter_ptr, err_ptr, numel, spin_limit,
+def _kernel(x_ptr, data_ptrs, flag_ptrs, counter_ptr, err_ptr, numel, spin_limit,
             RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr,
             CAP: tl.constexpr, FLAGS: tl.constexpr, PUSH: tl.constexpr):
+    # data_ptrs / flag_ptrs: tuples of every rank's addresses, kernel arguments (no loads on the
+    # critical path), indexed by compile-time ranks
     pid = tl.program_id(0)
     elem = x_ptr.dtype.element_ty
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -114,21 +120,21 @@ def _kernel(x_ptr, data_table, flag_table, counter_ptr, err_ptr, numel, spin_lim
     call = tl.load(counter_ptr + pid) + 1
     tl.store(counter_ptr + pid, call)
     slot = call % 2
-    mine = tl.multiple_of(tl.load(data_table + RANK).to(tl.pointer_type(elem)), 16)
-    my_flags = tl.load(flag_table + RANK).to(tl.pointer_type(tl.int64)) + pid * FLAGS
+    mine = tl.multiple_of(data_ptrs[RANK].to(tl.int64).to(tl.pointer_type(elem)), 16)
+    my_flags = flag_ptrs[RANK].to(tl.int64).to(tl.pointer_type(tl.int64)) + pid * FLAGS
 
     # publish: [slot][RANK] in my buffer (pull) or in every peer's (push)
     if PUSH:
         for r in tl.static_range(WORLD):
             if r != RANK:
-                peer = tl.multiple_of(tl.load(data_table + r).to(tl.pointer_type(elem)), 16)
+                peer = tl.multiple_of(data_ptrs[r].to(tl.int64).to(tl.pointer_type(elem)), 16)
                 tl.store(peer + (slot * WORLD + RANK) * CAP + offs, x, mask=mask)
     else:
         tl.store(mine + (slot * WORLD + RANK) * CAP + offs, x, mask=mask)
     tl.debug_barrier()  # all threads' stores happen-before the (single-thread) release below
     for r in tl.static_range(WORLD):
         if r != RANK:
-            peer_flags = tl.load(flag_table + r).to(tl.pointer_type(tl.int64)) + pid * FLAGS
+            peer_flags = flag_ptrs[r].to(tl.int64).to(tl.pointer_type(tl.int64)) + pid * FLAGS
             tl.atomic_xchg(peer_flags + RANK, call, sem="release", scope="sys")
 
     # wait for every peer's chunk of this call; the loop condition is uniform over the program
@@ -150,7 +156,7 @@ def _kernel(x_ptr, data_table, flag_table, counter_ptr, err_ptr, numel, spin_lim
             if PUSH:
                 src = mine
             else:
-                src = tl.multiple_of(tl.load(data_table + r).to(tl.pointer_type(elem)), 16)
+                src = tl.multiple_of(data_ptrs[r].to(tl.int64).to(tl.pointer_type(elem)), 16)
             v = tl.load(src + (slot * WORLD + r) * CAP + offs, mask=mask, other=0.0,
                         cache_modifier=".cg").to(tl.float32)
         if r == 0:
@@ -168,25 +174,26 @@ def _jit() -> None:
     import triton.language as _tl
 
     tl = _tl
-    _kernel = _triton.jit(do_not_specialize=["numel"])(_kernel)
+    _kernel = _triton.jit(do_not_specialize=["numel", "spin_limit"])(_kernel)
     triton = _triton  # last: marks the module as done
 
 
-def launch(x: torch.Tensor, data_table: torch.Tensor, flag_table: torch.Tensor, counters: torch.Tensor,
+def launch(x: torch.Tensor, data_ptrs: Sequence[int], flag_ptrs: Sequence[int], counters: torch.Tensor,
            err: torch.Tensor, *, rank: int, world: int, max_bytes: int, chunk_bytes: int, push: bool,
            spin_limit: int, warmup_only: bool = False) -> torch.Tensor:
     """Reduces ``x`` in place (the kernel alone; ``IpcAllReduce`` owns the buffers and checks).
 
-    ``data_table``/``flag_table``: int64 [world] addresses of every rank's data and flag areas (its
-    own included); ``counters``: int64 [max_bytes // chunk_bytes]; ``err``: int32 [1]."""
+    ``data_ptrs``/``flag_ptrs``: every rank's data and flag areas (its own included) as addresses
+    this process can use, 16-byte aligned; ``counters``: int64 [max_bytes // chunk_bytes];
+    ``err``: int32 [1]."""
     _jit()
     nbytes = x.numel() * x.element_size()
     assert x.dtype in DTYPES and x.is_contiguous() and nbytes % ALIGN == 0 and 0 < nbytes <= max_bytes
     assert max_bytes % chunk_bytes == 0 and chunk_bytes % ALIGN == 0, (max_bytes, chunk_bytes)
-    assert data_table.dtype == flag_table.dtype == counters.dtype == torch.int64 and err.dtype == torch.int32
-    assert data_table.numel() == flag_table.numel() == world and counters.numel() >= max_bytes // chunk_bytes
+    assert len(data_ptrs) == len(flag_ptrs) == world and all(p % ALIGN == 0 for p in (*data_ptrs, *flag_ptrs))
+    assert counters.dtype == torch.int64 and counters.numel() >= max_bytes // chunk_bytes and err.dtype == torch.int32
     grid = (launch_grid(nbytes, chunk_bytes),)
-    args = (x, data_table, flag_table, counters, err, x.numel(), spin_limit)
+    args = (x, tuple(data_ptrs), tuple(flag_ptrs), counters, err, x.numel(), spin_limit)
     meta = dict(RANK=rank, WORLD=world, BLOCK=chunk_bytes // x.element_size(), VEC=ALIGN // x.element_size(),
                 CAP=max_bytes // x.element_size(), FLAGS=FLAG_STRIDE, PUSH=push, num_warps=num_warps_for(chunk_bytes))
     if warmup_only:
@@ -231,13 +238,15 @@ def _local_info(device: torch.device) -> dict[str, Any] | None:
     """What peers need to check that this rank can join, or None when it cannot."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
-    try:
+    try:  # nothing may raise on one rank only: the others would wait in the next exchange
         import cupy
         import triton as _triton  # noqa: F401
-    except ImportError:
+
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        return {"host": _host_id(), "bus": cupy.cuda.runtime.deviceGetPCIBusId(idx)}
+    except Exception:
+        logger.debug("IPC all-reduce: no cupy/triton or no CUDA device here", exc_info=True)
         return None
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    return {"host": _host_id(), "bus": cupy.cuda.runtime.deviceGetPCIBusId(idx)}
 
 
 def _peer_ok(idx: int, bus: str) -> bool:
@@ -246,9 +255,9 @@ def _peer_ok(idx: int, bus: str) -> bool:
     rt = cupy.cuda.runtime
     try:
         peer = rt.deviceGetByPCIBusId(bus)  # raises when the peer GPU is not visible here
+        return peer != idx and bool(rt.deviceCanAccessPeer(idx, peer)) and _native_peer_atomics(idx, peer)
     except Exception:
         return False
-    return peer != idx and bool(rt.deviceCanAccessPeer(idx, peer)) and _native_peer_atomics(idx, peer)
 
 
 def create_ipc_all_reduce(comm: Communicator, device: torch.device | int | str | None = None,
@@ -268,11 +277,16 @@ def create_ipc_all_reduce(comm: Communicator, device: torch.device | int | str |
     if not all(_all_gather_object(comm, ok)):
         logger.info("IPC all-reduce unsupported: no peer access (or peer atomics) between some GPUs")
         return None
+    ar: IpcAllReduce | None = None
     try:
-        return IpcAllReduce(comm, torch.device("cuda", idx), max_bytes, **kwargs)
-    except _SetupError as e:  # raised on every rank alike
-        logger.warning("IPC all-reduce setup failed: %s", e)
-        return None
+        ar = IpcAllReduce(comm, torch.device("cuda", idx), max_bytes, **kwargs)
+    except Exception:
+        logger.warning("IPC all-reduce setup failed on rank %d; using the communicator", comm.rank, exc_info=True)
+    if all(_all_gather_object(comm, ar is not None)):
+        return ar
+    if ar is not None:  # some other rank failed: no collective teardown with it
+        ar.close(collective=False)
+    return None
 
 
 class _SetupError(RuntimeError):
@@ -336,9 +350,13 @@ class IpcAllReduce:
                 handle = self._rt.ipcGetMemHandle(self._base)
             except Exception as e:  # every rank still takes part in the exchanges below
                 error = f"rank {self.rank}: {e!r}"
-            handles = _all_gather_object(comm, handle)
+            config = (self.max_bytes, self.chunk_bytes, self.push)
+            exchanged = _all_gather_object(comm, (handle, config))
+            handles = [h for h, _ in exchanged]
+            if any(cfg != config for _, cfg in exchanged):
+                error = f"ranks disagree on (max_bytes, chunk_bytes, push): {[cfg for _, cfg in exchanged]}"
             bases = [0] * self.world
-            if all(h is not None for h in handles):
+            if not error and all(h is not None for h in handles):
                 try:
                     for r, h in enumerate(handles):
                         if r == self.rank:
@@ -353,8 +371,8 @@ class IpcAllReduce:
             self._release()
             raise _SetupError("; ".join(errors) or "a rank could not allocate its buffer")
 
-        self._data_table = torch.tensor(bases, dtype=torch.int64, device=self.device)
-        self._flag_table = torch.tensor([b + data_bytes for b in bases], dtype=torch.int64, device=self.device)
+        self._data_ptrs = tuple(bases)
+        self._flag_ptrs = tuple(b + data_bytes for b in bases)
         self._counters = torch.zeros(self.programs, dtype=torch.int64, device=self.device)
         self._err = torch.zeros(1, dtype=torch.int32, device=self.device)
         with _live_lock:
@@ -378,7 +396,7 @@ class IpcAllReduce:
         return self._launch(t)
 
     def _launch(self, t: torch.Tensor, warmup_only: bool = False) -> torch.Tensor:
-        return launch(t, self._data_table, self._flag_table, self._counters, self._err, rank=self.rank,
+        return launch(t, self._data_ptrs, self._flag_ptrs, self._counters, self._err, rank=self.rank,
                       world=self.world, max_bytes=self.max_bytes, chunk_bytes=self.chunk_bytes, push=self.push,
                       spin_limit=self.spin_limit, warmup_only=warmup_only)
 

@@ -127,6 +127,8 @@ class ParallelConfig:
     pp_layer_split: tuple[int, ...] | None = None
     num_redundant_experts: int = 0  # extra MoE expert slots for replicas of hot experts
     expert_rebalance_interval: int = 0  # steps between load reports / rebalances (0: off)
+    # small TP all-reduces through the one-shot CUDA IPC kernel when the group's GPUs allow it
+    custom_all_reduce: bool = True
 
     def __post_init__(self) -> None:
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size"):

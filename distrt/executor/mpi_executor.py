@@ -40,6 +40,21 @@ def under_mpi_launcher() -> bool:
     return any(k in os.environ for k in _LAUNCHER_VARS)
 
 
+def no_binding_args(mpirun: str) -> list[str]:
+    """Flags that stop mpirun pinning each rank to one core. Open MPI binds to a core by default
+    for small jobs, and a worker's Python thread, CUDA's and NCCL's proxy thread then share that
+    core: measured as ~1.2 ms of GPU idle time per step on 2 H200s (vs ~0 under Ray)."""
+    try:
+        out = subprocess.run([mpirun, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if "Open MPI" in out or "OpenRTE" in out or "prte" in out.lower():
+        return ["--bind-to", "none"]
+    if "HYDRA" in out.upper():
+        return ["-bind-to", "none"]
+    return []
+
+
 def find_mpirun() -> str:
     here = os.path.dirname(sys.executable)
     found = shutil.which("mpirun", path=here + os.pathsep + os.environ.get("PATH", ""))
@@ -83,8 +98,9 @@ class MpiExecutor(Executor):
         key = secrets.token_bytes(32)
         listener = Listener(("127.0.0.1", 0), authkey=key)
         host, port = listener.address
-        cmd = [find_mpirun(), "-n", str(self.world), sys.executable, "-m", "distrt.executor.mpi_worker",
-               "--connect", f"{host}:{port}"]
+        mpirun = find_mpirun()
+        cmd = [mpirun, "-n", str(self.world), *no_binding_args(mpirun), sys.executable, "-m",
+               "distrt.executor.mpi_worker", "--connect", f"{host}:{port}"]
         env = {**os.environ, "DISTRT_MPI_AUTHKEY": key.hex(), "OMPI_ALLOW_RUN_AS_ROOT": "1",
                "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
         self._proc = subprocess.Popen(cmd, env=env, start_new_session=True)

@@ -102,6 +102,13 @@ class WorkerHost:
         state = layout.state(self.rank)
         assert self.comm is not None
         tp_comm = self.comm.split(layout.tp_groups()) if layout.tp_size > 1 else None
+        if tp_comm is not None and device.startswith("cuda") and self.config.parallel.custom_all_reduce:
+            from distrt.parallel.custom_allreduce import create_ipc_all_reduce
+            from distrt.parallel.fast_allreduce import FastAllReduceComm
+
+            ipc = create_ipc_all_reduce(tp_comm, torch.device(device))  # collective over the TP group
+            if ipc is not None:
+                tp_comm = FastAllReduceComm(tp_comm, ipc)
         pp_comm = self.comm.split(layout.pp_groups()) if layout.pp_size > 1 else None
         self.worker = Worker(self.config, tp_rank=state.tp.rank, tp_size=state.tp.size, pp_rank=state.pp.rank,
                              pp_size=state.pp.size, tp_comm=tp_comm, pp_comm=pp_comm, device=device)

@@ -170,4 +170,7 @@ class Worker:
 
     def shutdown(self) -> None:
         self.states.clear()
-        self.runner.release()
+        self.runner.release()  # the CUDA graphs go first: they captured the TP all-reduce
+        close = getattr(self.ctx.tp_comm, "close_fast_path", None)
+        if close is not None:
+            close()

@@ -59,10 +59,7 @@ class RayExecutor(Executor):
             ray.util.remove_placement_group(self.pg)
             raise RuntimeError(f"Ray could not place {self.world} workers ({bundle} each, {placement_strategy}): "
                                f"{e}; available: {ray.available_resources()}") from e
-        # GPU actors see every GPU of their node (each picks Ray's assigned one): the IPC all-reduce
-        # needs the TP group's GPUs visible to each other; Ray would hide all but one
-        env = {"runtime_env": {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}} if gpu else {}
-        actor_cls = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0, **env)(WorkerHost)
+        actor_cls = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0)(WorkerHost)
         self.workers = [
             actor_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=self.pg, placement_group_bundle_index=i), max_concurrency=1 + self.pp).remote(config, i)
@@ -88,7 +85,7 @@ class RayExecutor(Executor):
     def _init_comm(self, ray: Any, gpu: bool) -> None:
         if gpu:
             uid = ray.get(self.workers[0].nccl_unique_id.remote())
-            refs = [w.init_comm.remote("nccl", unique_id=uid, local_rank=-1) for w in self.workers]
+            refs = [w.init_comm.remote("nccl", unique_id=uid) for w in self.workers]
         else:
             host, port = ray.get(self.workers[0].address.remote())
             refs = [w.init_comm.remote("gloo", init_method=f"tcp://{host}:{port}") for w in self.workers]

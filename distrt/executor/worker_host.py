@@ -46,22 +46,6 @@ def local_device(config: EngineConfig, local_rank: int) -> str:
     return f"cuda:{local_rank % n}"
 
 
-def ray_local_gpu_index() -> int:
-    """This Ray actor's GPU as a torch index. Actors are started with every GPU of the node visible
-    (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES, so the TP group's GPUs can map each other's
-    memory for the IPC all-reduce); Ray's assigned id is a physical index, or an entry of the
-    CUDA_VISIBLE_DEVICES the node itself was started with."""
-    import ray
-
-    gpu = str(ray.get_gpu_ids()[0])
-    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
-    if visible:
-        if gpu not in visible:
-            raise RuntimeError(f"Ray assigned GPU {gpu}, which CUDA_VISIBLE_DEVICES={visible} hides")
-        return visible.index(gpu)
-    return int(gpu)
-
-
 class WorkerHost:
     def __init__(self, config: EngineConfig, rank: int) -> None:
         self.config = config
@@ -100,8 +84,6 @@ class WorkerHost:
     def init_comm(self, backend: str, *, init_method: str | None = None, unique_id: bytes | None = None,
                   local_rank: int = 0, comm: Communicator | None = None) -> None:
         """Collective: creates the world communicator (or adopts `comm`), then the model shard."""
-        if local_rank < 0:  # a Ray actor that sees all of its node's GPUs
-            local_rank = ray_local_gpu_index()
         device = local_device(self.config, local_rank)
         if device.startswith("cuda"):
             torch.cuda.set_device(torch.device(device))

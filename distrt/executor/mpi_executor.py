@@ -30,7 +30,7 @@ from typing import Any
 
 from distrt.config import EngineConfig
 from distrt.executor.base import EngineDeadError, Executor, StepHandle, step_depth
-from distrt.executor.mpi_worker import QueueLink, worker_loop
+from distrt.executor.mpi_worker import QueueLink, no_delay, worker_loop
 from distrt.messages import StepPlan, StepResult
 
 _LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
@@ -118,6 +118,7 @@ class MpiExecutor(Executor):
                 raise RuntimeError("the MPI worker job did not connect in time")
         listener.close()
         self.link = conn[0]
+        no_delay(self.link)
         self.link.send(self.config)
 
     # -- waiting with a deadline --------------------------------------------------------------

@@ -70,6 +70,20 @@ class QueueLink:
             return False
 
 
+def no_delay(conn: Any) -> None:
+    """TCP_NODELAY on a multiprocessing Connection's socket: plans and results are small messages
+    in a request/response rhythm, which Nagle's algorithm would hold back waiting for ACKs."""
+    import socket
+
+    s = socket.fromfd(conn.fileno(), socket.AF_INET, socket.SOCK_STREAM)  # a dup: closing it keeps conn
+    try:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass
+    finally:
+        s.close()
+
+
 def init_host_comm(host: Any, world: Any) -> None:
     """Collective: CPU workers use MPI itself; GPU workers build NCCL with an id sent over MPI."""
     from distrt.parallel.comm_mpi import MpiComm
@@ -245,6 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     if MPI.COMM_WORLD.Get_rank() == 0:
         host, port = a.connect.rsplit(":", 1)
         link = Client((host, int(port)), authkey=bytes.fromhex(os.environ["DISTRT_MPI_AUTHKEY"]))
+        no_delay(link)
     worker_loop(MPI.COMM_WORLD, link)
 
 

@@ -173,6 +173,9 @@ def main() -> None:
     for tp, pp, ex in layouts:
         name = f"tp{tp}_{ex}" if pp == 1 else f"pp{pp}_{ex}"
         llm = _llm(a.shape, tp, ex, 256, 512, pp=pp)
+        describe = getattr(llm._executor, "describe_workers", None)
+        details.setdefault("workers", {})[name] = describe() if describe else "local"
+        print(name, "workers", details["workers"][name], flush=True)
         ms, ovh = bench_bs1(llm)
         thr, idle = (bench_throughput(llm, a.requests) if ex in ("local", a.executors.split(",")[0]) or pp > 1
                      else (float("nan"), float("nan")))

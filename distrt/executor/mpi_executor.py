@@ -201,6 +201,9 @@ class MpiExecutor(Executor):
             self._read_next_result()
         return self._results.pop(handle.step_id)
 
+    def describe_workers(self) -> list[dict[str, Any]]:
+        return list(self._call("describe"))
+
     def inject_fault(self, rank: int, kind: str, at_step: int = 1) -> None:
         """Test hook: worker `rank` hangs / raises / exits from its `at_step`-th next step."""
         self._call("inject_fault_on", rank, kind, at_step)

@@ -171,6 +171,9 @@ class RayExecutor(Executor):
         raise EngineDeadError(f"step {step_id} {kind} after up to {self.timeout:.0f}s: "
                               f"{type(e).__name__}: {e}") from e
 
+    def describe_workers(self) -> list[dict[str, Any]]:
+        return list(self._all("describe"))
+
     def inject_fault(self, rank: int, kind: str, at_step: int = 1) -> None:
         import ray
 

@@ -107,6 +107,8 @@ class WorkerHost:
             from distrt.parallel.fast_allreduce import FastAllReduceComm
 
             ipc = create_ipc_all_reduce(tp_comm, torch.device(device))  # collective over the TP group
+            logger.info("rank %d: TP all-reduce %s", self.rank,
+                        "through the IPC one-shot kernel for small messages" if ipc is not None else "through NCCL")
             if ipc is not None:
                 tp_comm = FastAllReduceComm(tp_comm, ipc)
         pp_comm = self.comm.split(layout.pp_groups()) if layout.pp_size > 1 else None
@@ -187,6 +189,14 @@ class WorkerHost:
     def inject_fault_on(self, rank: int, kind: str, at_step: int) -> None:
         if rank == self.rank:
             self.inject_fault(kind, at_step)
+
+    def describe(self) -> dict[str, Any]:
+        """What this worker runs on: rank, device, and the TP all-reduce path (ipc / the backend)."""
+        w = self.worker
+        tp = getattr(getattr(w, "ctx", None), "tp_comm", None)
+        path = "none" if tp is None else ("ipc" if hasattr(tp, "close_fast_path") else type(tp).__name__)
+        return {"rank": self.rank, "pid": os.getpid(), "device": str(getattr(getattr(w, "ctx", None), "device", "")),
+                "tp_all_reduce": path}
 
     def ping(self) -> float:
         return time.time()

@@ -42,6 +42,8 @@ def test_ray_tp2_matches_tp1(ckpt: str, reference: list, ray_local: object) -> N
     with LLM(ckpt, dtype="float32", device="cpu", max_model_len=128, tensor_parallel_size=2, executor="ray") as llm:
         assert_same_outputs(llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SP, use_tqdm=False), reference)
         llm.engine.check_integrity()
+        info = llm._executor.describe_workers()  # type: ignore[attr-defined]
+        assert [w["rank"] for w in info] == [0, 1] and {w["tp_all_reduce"] for w in info} == {"TorchDistComm"}
 
 
 @pytest.mark.parametrize("tp", [2, 4])
@@ -49,6 +51,9 @@ def test_mpi_tp_matches_tp1(ckpt: str, reference: list, tp: int) -> None:
     with LLM(ckpt, dtype="float32", device="cpu", max_model_len=128, tensor_parallel_size=tp, executor="mpi") as llm:
         pids = llm._executor.worker_pids()  # type: ignore[attr-defined]
         assert len(pids) == tp
+        info = llm._executor.describe_workers()  # type: ignore[attr-defined]
+        assert [w["pid"] for w in info] == pids and all(w["device"] == "cpu" for w in info)
+        assert {w["tp_all_reduce"] for w in info} == {"MpiComm"}  # CPU: no IPC kernel
         assert_same_outputs(llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SP, use_tqdm=False), reference)
     from proc_utils import wait_gone
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 
 def alive(pid: int) -> bool:
@@ -41,3 +42,27 @@ def processes_with(needle: str) -> list[int]:
         except OSError:
             pass
     return pids
+
+
+def run_gloo_ranks(target: Any, world: int, args: tuple, timeout: float = 180.0) -> dict[int, Any]:
+    """Runs target(rank, world, init_method, *args, queue) in `world` spawned processes; returns
+    {rank: what it put on the queue}."""
+    import multiprocessing as mp
+
+    from distrt.parallel.comm_torch_dist import tcp_init_method
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    init = tcp_init_method()
+    procs = [ctx.Process(target=target, args=(r, world, init, *args, q)) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        results = dict(q.get(timeout=timeout) for _ in range(world))
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return results

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from proc_utils import run_gloo_ranks
 from tiny_models import make_tiny_checkpoint
 
 HERE = os.path.dirname(__file__)
@@ -35,24 +36,10 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_tp_logits_match_tp1_under_gloo(ckpt: str, world: int) -> None:
-    from distrt.parallel.comm_torch_dist import tcp_init_method
     from tp_shard_checks import shard_logits
 
     ref = shard_logits(ckpt, 0, 1, None)
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    init = tcp_init_method()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, init, ckpt, q)) for r in range(world)]
-    for p in procs:
-        p.start()
-    try:
-        results = dict(q.get(timeout=120) for _ in range(world))
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    assert all(p.exitcode == 0 for p in procs)
+    results = run_gloo_ranks(_rank_main, world, (ckpt,), timeout=120)
     for rank in range(world):
         for got, want in zip(results[rank], ref):
             got_t = torch.tensor(got)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from moe_checks import E, K, T, rank_main, reference_output
-from moe_testutil import MoeShardContext, run_ranks, shard_prefill_logits
+from moe_testutil import MoeShardContext, shard_prefill_logits
+from proc_utils import run_gloo_ranks
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 LAYER_EPS = {2: [2, 1], 4: [4, 2, 1]}  # ep sizes per world (etp = world / ep)
@@ -22,7 +23,7 @@ MODEL_NAMES = ("mixtral", "qwen2_moe")
 def results(request: pytest.FixtureRequest, moe_ckpts: dict[str, str]) -> tuple[int, dict[int, dict]]:
     world = request.param
     paths = {n: moe_ckpts[n] for n in MODEL_NAMES}
-    return world, run_ranks(rank_main, world, (LAYER_EPS[world], paths, MODEL_CONFIGS[world]))
+    return world, run_gloo_ranks(rank_main, world, (LAYER_EPS[world], paths, MODEL_CONFIGS[world]))
 
 
 def test_fused_moe_ep_matches_single_rank(results: tuple[int, dict[int, dict]]) -> None:

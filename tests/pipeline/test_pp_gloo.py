@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from proc_utils import run_gloo_ranks
 from tiny_models import make_tiny_checkpoint
 
 HERE = os.path.dirname(__file__)
@@ -40,28 +41,13 @@ def test_pp3_uneven_stages_match_one_worker_under_gloo(ckpt: str, graphs: bool,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """stage-graphs: each stage's decode steps go through its DecodeGraphs' static buffers (replayed
     eagerly on CPU: DISTRT_EAGER_GRAPHS), the path CUDA graphs take on GPUs."""
-    from distrt.parallel.comm_torch_dist import tcp_init_method
-
     if graphs:
         monkeypatch.setenv("DISTRT_EAGER_GRAPHS", "1")
     from pp_checks import worker_decode
 
     want = worker_decode(ckpt, 0, 1, None, None, STEPS, share=lambda obj: obj)
     world, split = 3, (2, 1, 2)
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    init = tcp_init_method()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, init, ckpt, split, q)) for r in range(world)]
-    for p in procs:
-        p.start()
-    try:
-        results = dict(q.get(timeout=120) for _ in range(world))
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    assert all(p.exitcode == 0 for p in procs)
+    results = run_gloo_ranks(_rank_main, world, (ckpt, split), timeout=120)
     assert len(want) == STEPS and {rid for rid, _, _ in want} == {"a", "b"}
     for rank in range(world):  # every stage saw the same tokens (shared as the coordinator would)
         got = results[rank]

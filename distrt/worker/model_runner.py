@@ -262,6 +262,7 @@ class ModelRunner:
         has logits; only where `sample` (the output rank) are they turned into tokens. `share`
         (pp == 1, tp > 1): the output rank broadcasts the sampled ids over the TP group, so every
         rank can feed them to the next step's deferred inputs."""
+        self.received_event = None  # this step's (set by a later pipeline stage when its input arrives)
         inputs = self.prepare(states, num_tokens, fills, prev_tokens)
         if self.ctx.pp_size == 1:
             logits = self.forward_logits(inputs)

@@ -134,7 +134,6 @@ class Worker:
         if self._timed:
             start = torch.cuda.Event(enable_timing=True)
             start.record()
-        self.runner.received_event = None
         launched = self.runner.launch(states, counts, self.link, self.samples, fills, self._prev_tokens, self.share)
         if self._timed:
             end = torch.cuda.Event(enable_timing=True)

@@ -18,6 +18,7 @@ from distrt.messages import RequestId, StepPlan, StepResult, TokenLogprobs
 from distrt.models.shard import ShardContext
 from distrt.worker.model_runner import Launched, ModelRunner, resolve_dtype
 from distrt.worker.pipeline import StageLink
+from distrt.worker.profiling import StepProfiler
 from distrt.worker.request_state import RequestState
 
 
@@ -62,6 +63,7 @@ class Worker:
         self._last_end_event: Any = None
         self._timed = self.samples and dev.type == "cuda"
         self.runner.time_stages = self._timed and pp_size > 1
+        self.profiler = StepProfiler.from_env(f"worker_tp{tp_rank}_pp{pp_rank}")
 
     def determine_num_blocks(self) -> int:
         return self.runner.determine_num_blocks()
@@ -130,6 +132,8 @@ class Worker:
         load = self._expert_load(plan)  # every rank clears its counts; the output rank reports them
         if not states:
             return PendingStep(plan.step_id, [], None, t0, load)
+        if self.profiler is not None:
+            t_prof = self.profiler.before()
         start = end = None
         if self._timed:
             start = torch.cuda.Event(enable_timing=True)
@@ -143,6 +147,8 @@ class Worker:
             st.num_computed_tokens += n
         self._prev_tokens = launched.tokens
         self._prev_rows = {states[row].req_id: j for j, row in enumerate(launched.rows)}
+        if self.profiler is not None:
+            self.profiler.after(t_prof)
         return PendingStep(plan.step_id, states, launched, t0, load, start, end)
 
     def finish(self, p: PendingStep) -> StepResult:

@@ -156,11 +156,15 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=512)
     ap.add_argument("--out", default=None)
     ap.add_argument("--skip-pp", action="store_true", help="TP layouts only (no pp=2 run)")
+    ap.add_argument("--max-num-seqs", type=int, default=256, help="the scheduler's batch cap, every layout")
+    ap.add_argument("--all-throughput", action="store_true",
+                    help="throughput under every executor (default: the first executor and tp=1 only)")
     a = ap.parse_args()
     slug = device_slug(torch.cuda.get_device_name(0))
     out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{slug}x2", "tp.json")
     metrics: dict[str, float] = {}
-    details: dict[str, Any] = {"shape": a.shape, "requests": a.requests, "in": 128, "out": 128}
+    details: dict[str, Any] = {"shape": a.shape, "requests": a.requests, "in": 128, "out": 128,
+                               "max_num_seqs": a.max_num_seqs}
 
     ar = bench_allreduce([8 << 10, 16 << 10, 32 << 10, 64 << 10])
     for nbytes, (g_us, e_us) in ar.items():
@@ -172,13 +176,13 @@ def main() -> None:
     layouts = [(1, 1, "local")] + [(2, 1, e) for e in a.executors.split(",")] + ([] if a.skip_pp else [(1, 2, "mpi")])
     for tp, pp, ex in layouts:
         name = f"tp{tp}_{ex}" if pp == 1 else f"pp{pp}_{ex}"
-        llm = _llm(a.shape, tp, ex, 256, 512, pp=pp)
+        llm = _llm(a.shape, tp, ex, a.max_num_seqs, 512, pp=pp)
         describe = getattr(llm._executor, "describe_workers", None)
         details.setdefault("workers", {})[name] = describe() if describe else "local"
         print(name, "workers", details["workers"][name], flush=True)
         ms, ovh = bench_bs1(llm)
-        thr, idle = (bench_throughput(llm, a.requests) if ex in ("local", a.executors.split(",")[0]) or pp > 1
-                     else (float("nan"), float("nan")))
+        measure = a.all_throughput or ex in ("local", a.executors.split(",")[0]) or pp > 1
+        thr, idle = bench_throughput(llm, a.requests) if measure else (float("nan"), float("nan"))
         runs[name] = {"bs1_ms_per_token": ms, "step_overhead_ms": ovh, "throughput_tok_s": thr,
                       "gpu_idle_fraction_saturated": idle}
         print(name, runs[name], flush=True)
@@ -196,6 +200,9 @@ def main() -> None:
     metrics["tp2_vs_tp1_throughput"] = t2["throughput_tok_s"] / t1["throughput_tok_s"]
     for ex in a.executors.split(","):
         metrics[f"step_overhead_ms_{ex}"] = runs[f"tp2_{ex}"]["step_overhead_ms"]
+        metrics[f"tp2_{ex}_vs_tp1_bs1_latency"] = runs[f"tp2_{ex}"]["bs1_ms_per_token"] / t1["bs1_ms_per_token"]
+        if runs[f"tp2_{ex}"]["throughput_tok_s"] == runs[f"tp2_{ex}"]["throughput_tok_s"]:  # not NaN
+            metrics[f"tp2_{ex}_vs_tp1_throughput"] = runs[f"tp2_{ex}"]["throughput_tok_s"] / t1["throughput_tok_s"]
     metrics["step_overhead_ms_local"] = t1["step_overhead_ms"]
     p2 = runs.get("pp2_mpi")
     if p2 is None:

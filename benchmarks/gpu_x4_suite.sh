@@ -17,6 +17,10 @@
 #   parity    tp=8 and tp=4 x pp=2 (dense), tp=8 x ep=8 (MoE)                                  170 s
 #   bench70b  shape:llama-3.1-70b at tp=8 and tp=4 x pp=2 (same workloads)                     330 s
 #   bench70b_tp4  (not in the default list) tp=4 on the same host, for scaling                 200 s
+#  Not in the default lists, on GPUs 0 and 1 of the host (issue 4/5 figures on 2 of its H200s):
+#   tp_tests  tests/gpu/test_gpu_tp.py (MPI and Ray tp=2 vs transformers, IPC all-reduce taken) and
+#             the custom all-reduce GPU tests                                                 120 s
+#   tp2       benchmarks/gpu_tp.py: tp=1, tp=2 (MPI, Ray), pp=2; 512 x 128/128 at max_num_seqs 512 200 s
 # Overrides: LAYOUTS_70B, W70 (workloads <in>x<out>x<prompts>,...), W8, WMOE.
 # SUITE_DEVICE=cpu GPUS=4|8: the same steps on CPU ranks at tiny shapes (llama-tiny, mixtral-tiny, tiny
 # parity checkpoints), results in /tmp: a smoke test of this script and of gpu_multi.py without a GPU.
@@ -111,6 +115,10 @@ for s in $steps; do
                       --trtllm --out "$res/llama-3.1-70b_tp4.json" ;;
         bench8b)  step bench8b 170 "${GM[@]}" bench "${DEV[@]}" --shape $SHAPE8 --layouts tp1,tp4,tp2xpp2 --workloads "$W8" \
                       --trtllm --out "$res/llama-3.1-8b.json" ;;
+        tp_tests) step tp_tests 120 env CUDA_VISIBLE_DEVICES=0,1 python3 -m pytest -q -p no:cacheprovider -m gpu \
+                      tests/gpu/test_gpu_tp.py tests/parallel/test_custom_allreduce.py -k "not two_ray_nodes" ;;
+        tp2)      step tp2 200 env CUDA_VISIBLE_DEVICES=0,1 python3 benchmarks/gpu_tp.py --requests 512 --max-num-seqs 512 \
+                      --all-throughput --executors mpi,ray --out "$res/tp2_of_4.json" ;;
         moe)      step moe 130 "${GM[@]}" bench "${DEV[@]}" --shape $SHAPEMOE --layouts tp4,tp4xep4 --workloads "$WMOE" \
                       --out "$res/mixtral-8x7b-16l.json" ;;
         *)        note "-- unknown step $s" ;;

@@ -22,6 +22,8 @@ import time
 from collections import deque
 from typing import Any
 
+import torch
+
 from distrt.config import EngineConfig
 from distrt.executor.base import EngineDeadError, Executor, StepHandle, step_depth
 from distrt.executor.worker_host import WorkerHost, output_rank
@@ -72,6 +74,8 @@ class RayExecutor(Executor):
         self._unread: deque[Any] = deque()  # lagged: executions whose output is not read yet
         self._lag_results: dict[int, StepResult] = {}
         try:
+            if gpu and config.parallel.tensor_parallel_size > 1 and config.parallel.custom_all_reduce:
+                self._widen_gpu_visibility(ray)
             self._init_comm(ray, gpu)
             self._pids = self._all("pid")
             self._nodes = ray.get([w.__ray_call__.remote(_node_id) for w in self.workers])
@@ -81,6 +85,16 @@ class RayExecutor(Executor):
             self.shutdown()
             raise
         self._out = output_rank(config)
+
+    def _widen_gpu_visibility(self, ray: Any) -> None:
+        """Ray shows each actor only its own GPU; the IPC all-reduce needs the TP peers' GPUs too.
+        Before any CUDA use, each actor's CUDA_VISIBLE_DEVICES becomes its own GPU first (so cuda:0
+        stays the GPU Ray gave it, which Ray's own device lookup also finds), then the GPUs of the
+        other workers on its node. Workers on other nodes are not added (NCCL reaches them)."""
+        infos = ray.get([w.__ray_call__.remote(_gpu_info) for w in self.workers])
+        orders = widened_visibility(infos)
+        if orders != [own for _, own, _ in infos]:
+            ray.get([w.__ray_call__.remote(_set_visible_gpus, o) for w, o in zip(self.workers, orders)])
 
     def _init_comm(self, ray: Any, gpu: bool) -> None:
         if gpu:
@@ -232,3 +246,36 @@ def _node_id(actor: object) -> str:
     import ray
 
     return ray.get_runtime_context().get_node_id()
+
+
+def _gpu_info(actor: object) -> tuple[str, list[str], bool]:
+    """(node id, the GPU ids this actor sees as Ray set them, whether CUDA is initialized already)."""
+    import ray
+
+    env = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    return (ray.get_runtime_context().get_node_id(), [g for g in env.split(",") if g.strip()],
+            bool(torch.cuda.is_initialized()))
+
+
+def widened_visibility(infos: list[tuple[str, list[str], bool]]) -> list[list[str]]:
+    """Per worker: its own GPU ids, then the other workers' ids on the same node, in rank order.
+    Unchanged for a worker whose CUDA is already initialized (too late to change what it sees)."""
+    out = []
+    for node, own, started in infos:
+        if started:
+            out.append(list(own))
+            continue
+        order = list(own)
+        for other_node, ids, _ in infos:
+            if other_node == node:
+                order += [g for g in ids if g not in order]
+        out.append(order)
+    return out
+
+
+def _set_visible_gpus(actor: object, order: list[str]) -> None:
+    if torch.cuda.is_initialized():
+        logger.warning("CUDA already initialized in this worker; keeping CUDA_VISIBLE_DEVICES=%s",
+                       os.environ.get("CUDA_VISIBLE_DEVICES"))
+        return
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(order)

@@ -195,8 +195,11 @@ class WorkerHost:
         w = self.worker
         tp = getattr(getattr(w, "ctx", None), "tp_comm", None)
         path = "none" if tp is None else ("ipc" if hasattr(tp, "close_fast_path") else type(tp).__name__)
-        return {"rank": self.rank, "pid": os.getpid(), "device": str(getattr(getattr(w, "ctx", None), "device", "")),
-                "tp_all_reduce": path}
+        info: dict[str, Any] = {"rank": self.rank, "pid": os.getpid(),
+                                "device": str(getattr(getattr(w, "ctx", None), "device", "")), "tp_all_reduce": path}
+        if path == "ipc":  # 0, or 1 + the peer a kernel gave up waiting for (synchronizes the device)
+            info["ipc_error"] = tp.ipc.error()
+        return info
 
     def ping(self) -> float:
         return time.time()

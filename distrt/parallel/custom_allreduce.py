@@ -289,6 +289,13 @@ def create_ipc_all_reduce(comm: Communicator, device: torch.device | int | str |
     return None
 
 
+def _sm_count(dev: torch.device) -> int:
+    try:
+        return int(torch.cuda.get_device_properties(dev).multi_processor_count)
+    except Exception:  # no CUDA device (tests drive the kernel under the interpreter): no cap
+        return 1 << 30
+
+
 class _SetupError(RuntimeError):
     pass
 
@@ -312,8 +319,9 @@ class IpcAllReduce:
     """One rank's one-shot all-reduce over CUDA IPC buffers; built and closed collectively.
 
     ``all_reduce(t)`` sums ``t`` over ranks in place (like ``NcclComm``; use the return value) when
-    it is bf16/fp16/fp32 with ``numel * elsize <= max_bytes`` and a multiple of 16 bytes; anything
-    else goes to ``comm.all_reduce``. The choice depends only on shape and dtype, the same on every
+    it is bf16/fp16/fp32, a multiple of 16 bytes, within ``max_bytes`` and the one-shot limit for the
+    world size (``should_use``), and needs no more programs than the GPU has SMs; anything else goes
+    to ``comm.all_reduce``. The choice depends only on shape and dtype, the same on every
     rank. Calls must come in the same order on every rank, on one stream at a time.
     """
 
@@ -374,6 +382,11 @@ class IpcAllReduce:
         self._data_ptrs = tuple(bases)
         self._flag_ptrs = tuple(b + data_bytes for b in bases)
         self._counters = torch.zeros(self.programs, dtype=torch.int64, device=self.device)
+        # Every program of a call spins until the same program of each peer has published, so all of
+        # them must be resident at once: a grid wider than the SMs can wait on programs that never get
+        # an SM while the resident ones spin (seen on 4 H200s: 256 programs of 1 MB calls stalled until
+        # the spin limit). One program per SM always fits; larger calls go to the communicator.
+        self.max_programs = min(self.programs, _sm_count(self.device))
         self._err = torch.zeros(1, dtype=torch.int32, device=self.device)
         with _live_lock:
             _live.append(weakref.ref(self))
@@ -383,7 +396,8 @@ class IpcAllReduce:
     def supports(self, t: torch.Tensor) -> bool:
         nbytes = t.numel() * t.element_size()
         return (not self._closed and t.dtype in DTYPES and t.device == self.device
-                and 0 < nbytes <= self.max_bytes and nbytes % ALIGN == 0)
+                and should_use(nbytes, self.world, self.max_bytes)
+                and launch_grid(nbytes, self.chunk_bytes) <= self.max_programs)
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         if not self.supports(t):

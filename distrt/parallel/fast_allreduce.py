@@ -3,8 +3,9 @@
 Decode all-reduces (8-64 KB) take ~4.5 us that way inside CUDA graphs on 2 H200s, against ~18 us
 through NCCL (benchmarks/results/h200x2/custom_allreduce.json). Larger or unsupported tensors
 (prefill, odd sizes) go to the wrapped communicator, as does every other collective. Workers use it
-when every GPU of the TP group is visible to every rank of it (MPI workers; Ray actors see only
-their own GPU, so they keep NCCL), unless `custom_all_reduce=False`.
+when every GPU of the TP group is visible to every rank of it (MPI workers; Ray actors, whose
+CUDA_VISIBLE_DEVICES the Ray executor widens to their node's workers' GPUs, own GPU first), unless
+`custom_all_reduce=False`.
 """
 
 from __future__ import annotations

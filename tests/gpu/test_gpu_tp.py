@@ -42,11 +42,20 @@ def _check(llm: LLM, hf: object) -> dict:
     return m
 
 
+def _check_ipc(llm: LLM) -> None:
+    """Both TP ranks took the IPC one-shot all-reduce (NVLink peers) and no kernel gave up waiting."""
+    info = llm._executor.describe_workers()
+    print(info)
+    assert [w["tp_all_reduce"] for w in info] == ["ipc", "ipc"], info
+    assert [w["ipc_error"] for w in info] == [0, 0], info
+
+
 def test_tp2_mpi_nccl(setup: tuple) -> None:
     ckpt, hf = setup
     with LLM(ckpt, dtype="float32", device="cuda", max_model_len=1024, tensor_parallel_size=2,
              executor="mpi", kv_cache_memory=0.3) as llm:
         _check(llm, hf)
+        _check_ipc(llm)
 
 
 def test_tp2_ray_nccl(setup: tuple) -> None:
@@ -57,6 +66,7 @@ def test_tp2_ray_nccl(setup: tuple) -> None:
         with LLM(ckpt, dtype="float32", device="cuda", max_model_len=1024, tensor_parallel_size=2,
                  executor="ray", kv_cache_memory=0.3) as llm:
             _check(llm, hf)
+            _check_ipc(llm)  # the Ray executor widened the actors' CUDA_VISIBLE_DEVICES
     finally:
         ray.shutdown()
 

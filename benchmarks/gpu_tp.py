@@ -26,11 +26,12 @@ from kernels_gpu import device_slug  # noqa: E402
 from results_io import write_result  # noqa: E402
 
 
-def _llm(shape: str, tp: int, executor: str, max_num_seqs: int, max_len: int, pp: int = 1) -> Any:
+def _llm(shape: str, tp: int, executor: str, max_num_seqs: int, max_len: int, pp: int = 1, mb: int | None = None) -> Any:
     from distrt import LLM
 
     return LLM(f"shape:{shape}", dtype="bfloat16", device="cuda", tensor_parallel_size=tp, executor=executor,
-               pipeline_parallel_size=pp, max_model_len=max_len, max_num_seqs=max_num_seqs, kv_cache_memory=0.6)
+               pipeline_parallel_size=pp, max_model_len=max_len, max_num_seqs=max_num_seqs, kv_cache_memory=0.6,
+               pipeline_micro_batches=mb)
 
 
 class _Timed:
@@ -157,6 +158,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--skip-pp", action="store_true", help="TP layouts only (no pp=2 run)")
     ap.add_argument("--max-num-seqs", type=int, default=256, help="the scheduler's batch cap, every layout")
+    ap.add_argument("--pp-micro-batches", default="",
+                    help="extra pp=2 runs with these micro-batch counts (comma list; the default, pp + 1, always runs)")
     ap.add_argument("--all-throughput", action="store_true",
                     help="throughput under every executor (default: the first executor and tp=1 only)")
     a = ap.parse_args()
@@ -173,10 +176,12 @@ def main() -> None:
     print("allreduce", ar, flush=True)
 
     runs: dict[str, dict[str, float]] = {}
-    layouts = [(1, 1, "local")] + [(2, 1, e) for e in a.executors.split(",")] + ([] if a.skip_pp else [(1, 2, "mpi")])
-    for tp, pp, ex in layouts:
-        name = f"tp{tp}_{ex}" if pp == 1 else f"pp{pp}_{ex}"
-        llm = _llm(a.shape, tp, ex, a.max_num_seqs, 512, pp=pp)
+    extra_mb = [int(x) for x in a.pp_micro_batches.split(",") if x.strip()]
+    layouts = ([(1, 1, "local", None)] + [(2, 1, e, None) for e in a.executors.split(",")]
+               + ([] if a.skip_pp else [(1, 2, "mpi", None)] + [(1, 2, "mpi", m) for m in extra_mb]))
+    for tp, pp, ex, mb in layouts:
+        name = f"tp{tp}_{ex}" if pp == 1 else f"pp{pp}_{ex}" + (f"_mb{mb}" if mb else "")
+        llm = _llm(a.shape, tp, ex, a.max_num_seqs, 512, pp=pp, mb=mb)
         describe = getattr(llm._executor, "describe_workers", None)
         details.setdefault("workers", {})[name] = describe() if describe else "local"
         print(name, "workers", details["workers"][name], flush=True)
@@ -215,6 +220,10 @@ def main() -> None:
     metrics["pp2_vs_tp1_throughput"] = p2["throughput_tok_s"] / t1["throughput_tok_s"]
     metrics["pp2_bubble_fraction"] = p2["gpu_idle_fraction_saturated"]  # last stage idle share, saturated
     metrics["pp2_vs_tp2_throughput"] = p2["throughput_tok_s"] / t2["throughput_tok_s"]
+    for m in extra_mb:
+        r = runs[f"pp2_mpi_mb{m}"]
+        metrics[f"pp2_mb{m}_vs_tp1_throughput"] = r["throughput_tok_s"] / t1["throughput_tok_s"]
+        metrics[f"pp2_mb{m}_bubble_fraction"] = r["gpu_idle_fraction_saturated"]
     details["runs"] = runs
     print(write_result(out, metrics, details))
 

@@ -22,6 +22,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1)
     g.add_argument("--pp", "--pipeline-parallel-size", dest="pp", type=int, default=1)
     g.add_argument("--ep", "--expert-parallel-size", dest="ep", type=int, default=1)
+    g.add_argument("--pipeline-micro-batches", type=int, default=None,
+                   help="pp > 1: micro-batches in flight (default pp + 1)")
     g.add_argument("--executor", default="auto", help="auto | local | ray | mpi")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
@@ -32,7 +34,8 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
     return dict(dtype=a.dtype, device=a.device, max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
                 block_size=a.block_size, kv_cache_memory=a.kv_cache_memory, tensor_parallel_size=a.tp,
                 pipeline_parallel_size=a.pp, expert_parallel_size=a.ep, executor=a.executor, seed=a.seed,
-                async_scheduling=getattr(a, "async_scheduling", True))
+                async_scheduling=getattr(a, "async_scheduling", True),
+                pipeline_micro_batches=getattr(a, "pipeline_micro_batches", None))
 
 
 def _generate_parser(sub: argparse._SubParsersAction) -> None:

@@ -129,12 +129,18 @@ class ParallelConfig:
     expert_rebalance_interval: int = 0  # steps between load reports / rebalances (0: off)
     # small TP all-reduces through the one-shot CUDA IPC kernel when the group's GPUs allow it
     custom_all_reduce: bool = True
+    # pp > 1: micro-batches (plans) in flight; None: pp + 1, so the first stage has the next one
+    # queued while the last stage's tokens travel back to the scheduler (pp alone leaves that gap idle)
+    pipeline_micro_batches: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        mb = self.pipeline_micro_batches
+        if mb is not None and (not isinstance(mb, int) or isinstance(mb, bool) or mb < 1):
+            raise ValueError(f"pipeline_micro_batches must be an integer >= 1 (or None: pp + 1), got {mb!r}")
         split = self.pp_layer_split
         if split is not None:
             if (not isinstance(split, tuple) or len(split) != self.pipeline_parallel_size

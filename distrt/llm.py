@@ -90,6 +90,7 @@ class LLM:
         num_redundant_experts: int = 0,
         expert_rebalance_interval: int = 0,
         custom_all_reduce: bool = True,
+        pipeline_micro_batches: int | None = None,
     ) -> None:
         from distrt.executor.factory import create_executor, resolve_executor_name
 
@@ -115,7 +116,7 @@ class LLM:
                                   resolve_executor_name(executor, tensor_parallel_size * pipeline_parallel_size),
                                   step_timeout_s=step_timeout_s, num_redundant_experts=num_redundant_experts,
                                   expert_rebalance_interval=expert_rebalance_interval,
-                                  custom_all_reduce=custom_all_reduce,
+                                  custom_all_reduce=custom_all_reduce, pipeline_micro_batches=pipeline_micro_batches,
                                   pp_layer_split=None if pp_layer_split is None else tuple(pp_layer_split))
         parallel.stage_layers(mcfg.num_layers)
         sched = SchedulerConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs,

@@ -64,7 +64,7 @@ class RayExecutor(Executor):
         actor_cls = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0)(WorkerHost)
         self.workers = [
             actor_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
-                placement_group=self.pg, placement_group_bundle_index=i), max_concurrency=1 + self.pp).remote(config, i)
+                placement_group=self.pg, placement_group_bundle_index=i), max_concurrency=1 + step_depth(config)).remote(config, i)
             for i in range(self.world)
         ]
         self._dag: Any = None
@@ -112,7 +112,7 @@ class RayExecutor(Executor):
 
         with InputNode() as plan:
             dag = MultiOutputNode([(w.step_lagged if self._lagged else w.execute).bind(plan) for w in self.workers])
-        inflight = max(self.pp + 1, DAGContext.get_current().max_inflight_executions)
+        inflight = max(self._depth + 1, DAGContext.get_current().max_inflight_executions)
         self._dag = dag.experimental_compile(_max_inflight_executions=inflight)
 
     def _all(self, method: str, *args: Any) -> list[Any]:

@@ -159,7 +159,7 @@ def main() -> None:
     ap.add_argument("--skip-pp", action="store_true", help="TP layouts only (no pp=2 run)")
     ap.add_argument("--max-num-seqs", type=int, default=256, help="the scheduler's batch cap, every layout")
     ap.add_argument("--pp-micro-batches", default="",
-                    help="extra pp=2 runs with these micro-batch counts (comma list; the default, pp + 1, always runs)")
+                    help="extra pp=2 runs with these micro-batch counts (comma list; the default, pp, always runs)")
     ap.add_argument("--all-throughput", action="store_true",
                     help="throughput under every executor (default: the first executor and tp=1 only)")
     a = ap.parse_args()

@@ -23,7 +23,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pp", "--pipeline-parallel-size", dest="pp", type=int, default=1)
     g.add_argument("--ep", "--expert-parallel-size", dest="ep", type=int, default=1)
     g.add_argument("--pipeline-micro-batches", type=int, default=None,
-                   help="pp > 1: micro-batches in flight (default pp + 1)")
+                   help="pp > 1: micro-batches in flight (default pp)")
     g.add_argument("--executor", default="auto", help="auto | local | ray | mpi")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",

@@ -129,8 +129,9 @@ class ParallelConfig:
     expert_rebalance_interval: int = 0  # steps between load reports / rebalances (0: off)
     # small TP all-reduces through the one-shot CUDA IPC kernel when the group's GPUs allow it
     custom_all_reduce: bool = True
-    # pp > 1: micro-batches (plans) in flight; None: pp + 1, so the first stage has the next one
-    # queued while the last stage's tokens travel back to the scheduler (pp alone leaves that gap idle)
+    # pp > 1: micro-batches (plans) in flight; None: pp. pp + 1 keeps the first stage fed while the
+    # last stage's tokens travel back, but each plan is smaller: on 2 H200s (8B shape, 512 x 128/128)
+    # pp + 1 gave 1.47x one GPU and pp 1.54x in the same run (benchmarks/results/h200x2/tp.json)
     pipeline_micro_batches: int | None = None
 
     def __post_init__(self) -> None:
@@ -140,7 +141,7 @@ class ParallelConfig:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         mb = self.pipeline_micro_batches
         if mb is not None and (not isinstance(mb, int) or isinstance(mb, bool) or mb < 1):
-            raise ValueError(f"pipeline_micro_batches must be an integer >= 1 (or None: pp + 1), got {mb!r}")
+            raise ValueError(f"pipeline_micro_batches must be an integer >= 1 (or None: pp), got {mb!r}")
         split = self.pp_layer_split
         if split is not None:
             if (not isinstance(split, tuple) or len(split) != self.pipeline_parallel_size

@@ -23,12 +23,12 @@ if TYPE_CHECKING:
 
 
 def step_depth(config: "EngineConfig") -> int:
-    """Plans in flight at once: with pp > 1 the micro-batches (default pp + 1), else 2 with async
+    """Plans in flight at once: with pp > 1 the micro-batches (default pp), else 2 with async
     scheduling, else 1."""
     pp = config.parallel.pipeline_parallel_size
     if pp > 1:
         mb = config.parallel.pipeline_micro_batches
-        return pp + 1 if mb is None else mb
+        return pp if mb is None else mb
     return 2 if config.scheduler.async_scheduling else 1
 
 

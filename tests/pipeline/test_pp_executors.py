@@ -50,9 +50,8 @@ def _run_layout(ckpt: str, reference: list, executor: str, pp: int, tp: int, spl
               tensor_parallel_size=tp, pp_layer_split=split, executor=executor, step_timeout_s=60, **kw)
     try:
         assert_same_outputs(llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SP, use_tqdm=False), reference)
-        # every stage had a micro-batch; up to one more queued (the default pp + 1; six prompts split
-        # into ceil(6 / 4) = 2 per plan give pp=3 only three plans)
-        assert pp <= llm.engine.max_in_flight_seen <= pp + 1
+        # every stage had a micro-batch (the default: pp plans in flight), or pipeline_micro_batches
+        assert llm.engine.max_in_flight_seen == kw.get("pipeline_micro_batches", pp)
         _clean(llm)
     except BaseException:
         llm.shutdown()
@@ -70,11 +69,16 @@ def test_mpi_pp_matches_pp1(ckpt: str, reference: list, pp: int, tp: int, split:
     assert wait_gone(pids, 20), "MPI workers left behind after shutdown"
 
 
+
+def test_mpi_pp2_three_micro_batches(ckpt: str, reference: list) -> None:
+    """pipeline_micro_batches=3 on pp=2: one plan queued beyond the stages, same tokens."""
+    _run_layout(ckpt, reference, "mpi", 2, 1, None, pipeline_micro_batches=3).shutdown()
+
 @pytest.fixture(scope="module")
 def mpi_pp2_small_kv(ckpt: str, reference: list) -> LLM:
     """pp=2 under MPI with a KV pool too small for all six requests (preemption by recompute)."""
     llm = LLM(ckpt, dtype="float32", device="cpu", max_model_len=128, pipeline_parallel_size=2, executor="mpi",
-              block_size=4, num_kv_blocks=32, step_timeout_s=60, pipeline_micro_batches=2)
+              block_size=4, num_kv_blocks=32, step_timeout_s=60)
     yield llm
     pids = llm._executor.worker_pids()  # type: ignore[attr-defined]
     llm.shutdown()
@@ -84,7 +88,7 @@ def mpi_pp2_small_kv(ckpt: str, reference: list) -> LLM:
 def test_mpi_pp2_matches_pp1_under_preemption(mpi_pp2_small_kv: LLM, reference: list) -> None:
     llm = mpi_pp2_small_kv
     assert_same_outputs(llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SP, use_tqdm=False), reference)
-    assert llm.engine.max_in_flight_seen == 2  # pipeline_micro_batches=2
+    assert llm.engine.max_in_flight_seen == 2
     assert llm.engine.scheduler.stats.num_preemptions > 0
     _clean(llm)
 

@@ -40,7 +40,7 @@ carrying its prompt and every token generated so far (recompute).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NewType
+from typing import Any, NamedTuple, NewType
 
 RequestId = NewType("RequestId", str)
 BlockId = NewType("BlockId", int)
@@ -77,8 +77,7 @@ class NewRequest:
     sampling: SamplingSpec
 
 
-@dataclass(frozen=True, slots=True)
-class CachedRequest:
+class CachedRequest(NamedTuple):  # a NamedTuple: hundreds per plan are built and unpickled every step
     req_id: RequestId
     num_computed_tokens: int
     new_block_ids: tuple[BlockId, ...]
@@ -113,6 +112,25 @@ class StepPlan:
     @property
     def is_empty(self) -> bool:
         return not self.num_scheduled_tokens
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Pickles the cached requests as columns: a plan crosses one to three pickle hops per step
+        (socket, MPI bcast, Ray channel), and 512 slotted objects cost ~1 ms each way where five
+        tuples cost ~0.1 ms."""
+        c = self.cached_requests
+        cols = (tuple(r.req_id for r in c), tuple(r.num_computed_tokens for r in c),
+                tuple(r.new_block_ids for r in c), tuple(r.new_token_ids for r in c), bytes(r.deferred for r in c))
+        return _plan_from_columns, (self.step_id, self.new_requests, cols, self.num_scheduled_tokens,
+                                    self.finished_ids, self.expert_placements, self.collect_expert_load)
+
+
+def _plan_from_columns(step_id: int, new_requests: tuple[NewRequest, ...], cols: tuple[Any, ...],
+                       num_scheduled_tokens: dict[RequestId, int], finished_ids: tuple[RequestId, ...],
+                       expert_placements: tuple[PlacementUpdate, ...], collect_expert_load: bool) -> StepPlan:
+    ids, computed, blocks, tokens, deferred = cols
+    cached = tuple(map(CachedRequest._make, zip(ids, computed, blocks, tokens, map(bool, deferred))))
+    return StepPlan(step_id, new_requests, cached, num_scheduled_tokens, finished_ids, expert_placements,
+                    collect_expert_load)
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,13 +46,16 @@ class KVAllocator:
 
     def allocate(self, req_id: RequestId, num_tokens: int) -> list[BlockId] | None:
         """Grow req's table to cover num_tokens; return the new blocks, or None (nothing taken) if short."""
-        table = self._tables.setdefault(req_id, [])
-        need = self.blocks_needed(num_tokens) - len(table)
+        table = self._tables.get(req_id)
+        need = -(-num_tokens // self.block_size) - (len(table) if table is not None else 0)
         if need > len(self._free):
-            if not table:
-                del self._tables[req_id]
             return None
-        new = [self._free.popleft() for _ in range(max(need, 0))]
+        if table is None:
+            table = self._tables[req_id] = []
+        if need <= 0:  # the common decode step: the last block still has room
+            return []
+        pop = self._free.popleft
+        new = [pop() for _ in range(need)]
         table.extend(new)
         return new
 

@@ -182,11 +182,16 @@ class Scheduler:
             budget -= n
 
         self._step_id += 1
+        requests, in_flight = self.requests, self._in_flight
         for rid, n in num_sched.items():
-            req = self.requests[rid]
-            flights = self._in_flight.setdefault(rid, [])
-            end = req.num_computed_tokens + sum(f[1] for f in flights) + n
-            flights.append((self._step_id, n, end >= req.num_tokens))
+            req = requests[rid]
+            flights = in_flight.get(rid)
+            if flights is None:
+                flights = in_flight[rid] = []
+            end = req.num_computed_tokens + n
+            for f in flights:  # at most one earlier plan (async scheduling)
+                end += f[1]
+            flights.append((self._step_id, n, end >= len(req.prompt_token_ids) + len(req.output_token_ids)))
         drop, self._to_drop = tuple(self._to_drop.ids), _Pending()
         return StepPlan(
             step_id=self._step_id,
@@ -233,15 +238,16 @@ class Scheduler:
     def _next_tokens(self, req: Request, budget: int) -> tuple[int, int, bool]:
         """(first position, tokens, deferred) of a running request's next step; 0 tokens: skip it."""
         flights = self._in_flight.get(req.request_id)
+        num_tokens = len(req.prompt_token_ids) + len(req.output_token_ids)
         if not flights:
-            return req.num_computed_tokens, min(req.num_tokens - req.num_computed_tokens, budget), False
+            return req.num_computed_tokens, min(num_tokens - req.num_computed_tokens, budget), False
         if not self.ahead or len(flights) > 1:
             return 0, 0, False
         start = req.num_computed_tokens + flights[0][1]
         if not flights[0][2]:  # the in-flight plan is a prefill chunk: the next chunk's tokens are known
-            return start, min(req.num_tokens - start, budget), False
+            return start, min(num_tokens - start, budget), False
         p = req.params
-        if (req.num_tokens + 1 >= req.max_model_len
+        if (num_tokens + 1 >= req.max_model_len
                 or (p.max_tokens is not None and len(req.output_token_ids) + 1 >= p.max_tokens)
                 or p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0):
             return 0, 0, False  # the pending token may end it by length; penalties read the history
@@ -264,8 +270,10 @@ class Scheduler:
     def _unsent_tokens(self, req: Request) -> tuple[int, ...]:
         """Tokens the workers lack (see messages.py): what came back since the request was last sent."""
         held = self._sent[req.request_id]
-        self._sent[req.request_id] = req.num_tokens
-        return tuple(req.output_token_ids[held - req.num_prompt_tokens:]) if held < req.num_tokens else ()
+        out = req.output_token_ids
+        total = len(req.prompt_token_ids) + len(out)
+        self._sent[req.request_id] = total
+        return tuple(out[held - len(req.prompt_token_ids):]) if held < total else ()
 
     def _new_request(self, req: Request) -> NewRequest:
         self._sent[req.request_id] = req.num_tokens

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import queue
 import sys
 import threading
@@ -152,19 +153,30 @@ class _Commands:
         self.sending: list[Any] = []  # rank 0's unfinished isends (each holds its pickled command)
 
     def next(self) -> tuple[str, tuple[Any, ...]]:
+        """Rank 0 relays the command as the bytes that came over the socket (no second pickling);
+        a command is a tuple, so bytes always mean "unpickle me" (the in-process link sends objects)."""
         if not self.pipelined:
-            return self.ctrl.bcast(self.link.recv() if self.rank == 0 else None, root=0)  # type: ignore[union-attr]
+            msg = self.ctrl.bcast(_recv_raw(self.link) if self.rank == 0 else None, root=0)
+            return pickle.loads(msg) if isinstance(msg, bytes) else msg
         if self.rank != 0:
-            return self.ctrl.recv(source=0)
-        cmd = self.link.recv()  # type: ignore[union-attr]
+            msg = self.ctrl.recv(source=0)
+            return pickle.loads(msg) if isinstance(msg, bytes) else msg
+        msg = _recv_raw(self.link)
         self.sending = [r for r in self.sending if not r.Test()]
-        self.sending += [self.ctrl.isend(cmd, dest=r) for r in range(1, self.ctrl.Get_size())]
-        return cmd
+        self.sending += [self.ctrl.isend(msg, dest=r) for r in range(1, self.ctrl.Get_size())]
+        return pickle.loads(msg) if isinstance(msg, bytes) else msg
 
     def flush(self) -> None:
         for r in self.sending:
             r.wait()
         self.sending = []
+
+
+def _recv_raw(link: Any) -> Any:
+    """The next message: its pickled bytes from a socket link, the object from an in-process one."""
+    inner = link.link if isinstance(link, _LockedLink) else link
+    recv_bytes = getattr(inner, "recv_bytes", None)
+    return recv_bytes() if recv_bytes is not None else inner.recv()
 
 
 def _send_ready_results(host: Any, link: Any) -> None:

@@ -36,7 +36,7 @@ class LlamaAttention(nn.Module):
         q, k, v = qkv.split([self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1)
         d = self.attn.head_dim
         q, k = self.rope(positions, q.reshape(-1, self.attn.num_heads, d), k.reshape(-1, self.attn.num_kv_heads, d))
-        out = self.o_proj(self.attn(q, k, v.contiguous(), kv_cache, meta))
+        out = self.o_proj(self.attn(q, k, v, kv_cache, meta))
         if self.ctx.tp_size > 1:
             out = self.ctx.tp_comm.all_reduce(out)
         return out

@@ -65,6 +65,10 @@ step tput_1000_1000 220 python3 -m distrt bench throughput --shape $shape --inpu
     --num-prompts "${N1000:-512}" --max-num-seqs 224 --baseline generate_batch --hf-num-prompts "${HF_N:-128}" \
     --hf-time-cap-s "${HF_CAP:-60}" --time-budget-s '{T}' \
     --out "$out/throughput_1000_1000.json" --plot "$out/throughput_1000_1000.png"
+# 1b. The same workload with the FP8 (e4m3) KV cache (~80 s): twice the blocks, so 448 sequences at once;
+#    its own metric (bf16 weights, fp8 KV), not the bf16 headline; no transformers baseline.
+step tput_1000_1000_fp8kv 100 python3 -m distrt bench throughput --shape $shape --input-len 1000 --output-len 1000 \
+    --num-prompts "${N1000:-512}" --max-num-seqs 448 --kv-cache-dtype fp8 --out "$out/throughput_1000_1000_fp8kv.json"
 # 2. Engine overhead (~45 s): engine decode vs the bare decode-graph loop at batch 64 and 256, 256 steps, best of 2.
 step engine_overhead 60 python3 benchmarks/engine_overhead.py --shape $shape --batch-sizes 64,256 --prompt-len 32 \
     --decode-steps "${EO_STEPS:-256}" --repeats 2 --out "$out/engine_overhead.json"

@@ -4,6 +4,7 @@
 
 Metrics (absent where the step that makes them did not finish):
   throughput_tok_s_8b_{1000_1000,128_128,2048_128}   distrt offline output tokens/s, Llama-3.1-8B shape
+  throughput_tok_s_8b_1000_1000_fp8kv                 the same 1000/1000 with the FP8 KV cache (448 at once)
   throughput_vs_hf_generate_batch, hf_generate_batch_output_tok_s, hf_first_token_agreement   (1000/1000)
   engine_vs_bare_graph_decode[_bs{B}]                 engine decode tok/s over the bare graph loop
   latency step_ms_p50_bs{B}, the e2e batch-1 roofline fractions and speed-ups, copy bandwidth, GEMM
@@ -30,6 +31,7 @@ SOURCES: dict[str, list[tuple[str, str]]] = {
                                   ("throughput_vs_hf_generate_batch", "throughput_vs_hf_generate_batch"),
                                   ("hf_generate_batch_output_tok_s", "hf_generate_batch_output_tok_s"),
                                   ("hf_first_token_agreement", "hf_first_token_agreement")],
+    "throughput_1000_1000_fp8kv.json": [("output_tok_s", "throughput_tok_s_8b_1000_1000_fp8kv")],
     "throughput_128_128.json": [("output_tok_s", "throughput_tok_s_8b_128_128")],
     "throughput_2048_128.json": [("output_tok_s", "throughput_tok_s_8b_2048_128")],
     "engine_overhead.json": [("engine_vs_bare_graph_decode*", "")],

@@ -7,6 +7,8 @@ import sys
 import time
 from typing import Callable
 
+from distrt.config import KV_CACHE_DTYPES
+
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
@@ -19,6 +21,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--kv-cache-memory", type=float, default=0.9,
                    help="fraction (<= 1) of free device memory for the KV cache, or bytes (> 1)")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="auto: the model dtype; fp8 (= fp8_e4m3): half the KV bytes, twice the blocks")
     g.add_argument("--tp", "--tensor-parallel-size", dest="tp", type=int, default=1)
     g.add_argument("--pp", "--pipeline-parallel-size", dest="pp", type=int, default=1)
     g.add_argument("--ep", "--expert-parallel-size", dest="ep", type=int, default=1)
@@ -35,7 +39,8 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
                 block_size=a.block_size, kv_cache_memory=a.kv_cache_memory, tensor_parallel_size=a.tp,
                 pipeline_parallel_size=a.pp, expert_parallel_size=a.ep, executor=a.executor, seed=a.seed,
                 async_scheduling=getattr(a, "async_scheduling", True),
-                pipeline_micro_batches=getattr(a, "pipeline_micro_batches", None))
+                pipeline_micro_batches=getattr(a, "pipeline_micro_batches", None),
+                kv_cache_dtype=getattr(a, "kv_cache_dtype", "auto"))
 
 
 def _generate_parser(sub: argparse._SubParsersAction) -> None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _DTYPES = ("float32", "float16", "bfloat16")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # "fp8" is e4m3 (vLLM's and TensorRT-LLM's FP8 KV cache)
 
 
 @dataclass(frozen=True)
@@ -105,8 +106,13 @@ class CacheConfig:
     kv_cache_memory: float = 0.9
     num_kv_blocks: int | None = None  # explicit override (tests force preemption with it)
     cpu_kv_budget_bytes: int = 2 << 30
+    # "auto": the model's compute dtype; "fp8"/"fp8_e4m3": float8 e4m3, half the bytes of bf16 per
+    # block (twice the blocks, half the KV bytes decode reads), with per-tensor scales of 1.0
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
         if not self.kv_cache_memory > 0:

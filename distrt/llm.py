@@ -75,6 +75,7 @@ class LLM:
         max_num_batched_tokens: int | None = None,
         kv_cache_memory: float = 0.9,
         num_kv_blocks: int | None = None,
+        kv_cache_dtype: str = "auto",
         enable_chunked_prefill: bool = True,
         async_scheduling: bool = True,
         seed: int = 0,
@@ -123,7 +124,7 @@ class LLM:
                                 max_num_batched_tokens=max_num_batched_tokens or (2048 if enable_chunked_prefill else max_model_len),
                                 enable_chunked_prefill=enable_chunked_prefill, async_scheduling=async_scheduling)
         self.config = EngineConfig(model=mcfg, cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory,
-                                                                 num_kv_blocks=num_kv_blocks),
+                                                                 num_kv_blocks=num_kv_blocks, kv_cache_dtype=kv_cache_dtype),
                                    parallel=parallel, scheduler=sched, device=DeviceConfig(dev), seed=seed,
                                    enforce_eager=enforce_eager)
         from distrt.engine.tokenizer import load_tokenizer

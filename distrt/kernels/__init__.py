@@ -4,6 +4,8 @@ The `*_op` functions are what layers call; they pick the implementation per call
 device (`use_triton`). Triton is imported on first launch only (see _lazy_triton), so the package
 works without it and the CPU path never imports it.
 DISTRT_FORCE_TRITON=1 routes CPU tensors to Triton too (tests under TRITON_INTERPRET=1).
+The KV cache may be float8 e4m3 instead of the model dtype (kv_cache.py); k_scale/v_scale are its
+per-tensor dequantization scales (1.0 unless calibrated scales are loaded; ignored for other caches).
 """
 
 from __future__ import annotations
@@ -33,23 +35,25 @@ def use_triton(t: torch.Tensor) -> bool:
 
 
 def write_kv_cache_op(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      slot_mapping: torch.Tensor) -> None:
+                      slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     if use_triton(k):
-        write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+        write_kv_cache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     else:
-        write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping)
+        write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 def attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, query_start_loc: torch.Tensor,
                  seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, max_query_len: int,
-                 is_decode_only: bool) -> torch.Tensor:
+                 is_decode_only: bool, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """q: [T, H, D] -> [T, H, D]. is_decode_only: every sequence has exactly one query token (T == B)."""
     if not use_triton(q):
-        return paged_attention_ref(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale)
+        return paged_attention_ref(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
+                                   k_scale, v_scale)
     if is_decode_only:
-        return paged_attention_decode(q, k_cache, v_cache, seq_lens, block_tables, scale)
+        return paged_attention_decode(q, k_cache, v_cache, seq_lens, block_tables, scale,
+                                      k_scale=k_scale, v_scale=v_scale)
     return paged_attention_prefill(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
-                                   max_query_len)
+                                   max_query_len, k_scale=k_scale, v_scale=v_scale)
 
 
 def rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

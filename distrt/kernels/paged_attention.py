@@ -13,6 +13,11 @@ Batch layout::
                      |<-- cached prefix (earlier steps) -->|<-- this step -->|
     query i sits at position seq_len - q_len + i and sees cache positions 0..that position.
     Query head h reads kv head h // (num_heads // num_kv_heads).
+
+K/V caches are in q's dtype or in float8 e4m3 (see kv_cache.py): an fp8 tile is converted to q's
+dtype as it is loaded (exact: every e4m3 value is an fp16/bf16/fp32 value), so the dots and the fp32
+softmax/accumulation are those of a q-dtype cache. Dequantization scales are folded in: k_scale
+into the softmax scale, v_scale into the accumulator (fp8 only; both 1.0 until calibrated scales exist).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any
 import torch
 
 from distrt.kernels._lazy_triton import jit_kernels
+from distrt.kernels.kv_cache import FP8_KV_DTYPE, check_kv_scales
 
 # Bound on first launch by _jit() (see _lazy_triton: importing triton here would fix its mode too early).
 triton: Any = None
@@ -39,7 +45,7 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_le
     assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, (k_cache.shape, v_cache.shape)
     assert q.shape[2] == k_cache.shape[3], (q.shape, k_cache.shape)
     assert q.shape[1] % k_cache.shape[2] == 0, (q.shape, k_cache.shape)
-    assert q.dtype == k_cache.dtype == v_cache.dtype, (q.dtype, k_cache.dtype, v_cache.dtype)
+    assert k_cache.dtype == v_cache.dtype in (q.dtype, FP8_KV_DTYPE), (q.dtype, k_cache.dtype, v_cache.dtype)
     assert seq_lens.dim() == 1 and seq_lens.dtype == torch.int32, (seq_lens.shape, seq_lens.dtype)
     assert block_tables.dim() == 2 and block_tables.shape[0] == seq_lens.shape[0], block_tables.shape
     assert block_tables.dtype == torch.int32, block_tables.dtype
@@ -54,9 +60,11 @@ def _check_ragged(q: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torc
 
 def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
-                        scale: float) -> torch.Tensor:
-    """Vectorised reference (and CPU path): pad queries to max q_len, keys to max seq_len, one masked softmax."""
+                        scale: float, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+    """Vectorised reference (and CPU path): pad queries to max q_len, keys to max seq_len, one masked softmax.
+    An fp8 cache is dequantized (to q's dtype, times its scale) after the gather."""
     _check(q, k_cache, v_cache, seq_lens, block_tables)
+    check_kv_scales(k_cache, k_scale, v_scale)
     _check_ragged(q, query_start_loc, seq_lens)
     num_tokens, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
@@ -84,6 +92,8 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     blocks = block_tables[:, :n_blk].long().clamp(0, num_blocks - 1)  # [B, n_blk]
     keys = k_cache[blocks].view(batch, n_blk * block_size, num_kv_heads, head_dim)[:, :max_s]  # [B, S, Hkv, D]
     vals = v_cache[blocks].view(batch, n_blk * block_size, num_kv_heads, head_dim)[:, :max_s]  # [B, S, Hkv, D]
+    if k_cache.dtype != q.dtype:  # fp8 -> q's dtype is exact; the scales are applied below, as the kernels do
+        keys, vals = keys.to(q.dtype), vals.to(q.dtype)
     key_pos = torch.arange(max_s, device=device)
     key_valid = key_pos[None, :] < s_lens[:, None]  # [B, S]
     # Zero unused slots: garbage (even NaN) there must not leak through 0 * NaN.
@@ -93,11 +103,13 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     q_pos = (s_lens - q_lens)[:, None] + torch.arange(max_q, device=device)[None, :]  # [B, Q]
     allowed = (key_pos[None, None, :] <= q_pos[:, :, None]) & key_valid[:, None, :]  # [B, Q, S]
 
-    scores = torch.einsum("bqhgd,bshd->bhgqs", q_pad, keys) * scale  # [B, Hkv, G, Q, S]
+    scores = torch.einsum("bqhgd,bshd->bhgqs", q_pad, keys) * (scale * k_scale)  # [B, Hkv, G, Q, S]
     scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     probs = torch.nan_to_num(probs, nan=0.0)  # rows with no allowed key (padding rows only)
     out = torch.einsum("bhgqs,bshd->bqhgd", probs, vals)  # [B, Q, Hkv, G, D]
+    if v_scale != 1.0:
+        out = out * v_scale
     out = out.reshape(batch, max_q, num_heads, head_dim)  # [B, Q, H, D]
     return out[tok_seq, tok_row].to(q.dtype)
 
@@ -114,11 +126,11 @@ def _kv_tile_offsets(bt_row_ptr, pos, mask, kv_head, d, stride_cb, stride_co, st
 
 
 # triton.jit, applied by _jit()
-def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, scale_log2e,
+def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, scale_log2e, v_scale,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_co, stride_ch, stride_bt,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
-                    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr):
     # One program: BLOCK_Q queries of one sequence x the GROUP query heads of one kv head, packed
     # as BLOCK_M rows (row r = query r // GROUP, head r % GROUP), so K/V tiles are loaded once per group.
     b = tl.program_id(0)
@@ -155,13 +167,13 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, qsl_ptr, seq_lens_
         all_k = pos >= 0
         offs = _kv_tile_offsets(bt_row, pos, all_k, kv_head, d, stride_cb, stride_co, stride_ch, BLOCK_SIZE)
         kv_mask = all_k[:, None] & d_mask[None, :]
-        k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0)
+        k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     for start in range(full_end, last_pos + 1, BLOCK_N):
@@ -169,17 +181,19 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, qsl_ptr, seq_lens_
         in_ctx = pos <= last_pos
         offs = _kv_tile_offsets(bt_row, pos, in_ctx, kv_head, d, stride_cb, stride_co, stride_ch, BLOCK_SIZE)
         kv_mask = in_ctx[:, None] & d_mask[None, :]
-        k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0)
+        k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
         s = tl.where(pos[None, :] <= q_pos[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
+    if KV_FP8:
+        acc = acc * v_scale
     out = acc / l_i[:, None]
     tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_mask[None, :])
@@ -187,11 +201,12 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, qsl_ptr, seq_lens_
 
 # triton.jit, applied by _jit()
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_ml_ptr, seq_lens_ptr, bt_ptr,
-                   scale_log2e, stride_qb, stride_qh, stride_ob, stride_oh,
+                   scale_log2e, v_scale, stride_qb, stride_qh, stride_ob, stride_oh,
                    stride_cb, stride_co, stride_ch, stride_bt,
                    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                   BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   KV_FP8: tl.constexpr):
     # One program: all GROUP query heads of one kv head, one split of one sequence's context.
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -220,8 +235,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_
         valid = pos < end
         offs = _kv_tile_offsets(bt_row, pos, valid, kv_head, d, stride_cb, stride_co, stride_ch, BLOCK_SIZE)
         kv_mask = valid[:, None] & d_mask[None, :]
-        k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0)
+        k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0).to(q.dtype)
+        v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -231,6 +246,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
+    if KV_FP8:
+        acc = acc * v_scale  # the split merge only rescales and divides by l: fold v_scale in here
     store_mask = g_mask[:, None] & d_mask[None, :]
     if NUM_SPLITS == 1:
         tl.store(out_ptr + b.to(tl.int64) * stride_ob + head[:, None] * stride_oh + d[None, :],
@@ -294,11 +311,13 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
                             scale: float, max_query_len: int,
-                            out: torch.Tensor | None = None) -> torch.Tensor:
+                            out: torch.Tensor | None = None, k_scale: float = 1.0,
+                            v_scale: float = 1.0) -> torch.Tensor:
     """Triton flash attention over a ragged batch (chunked prefill + decodes), reading K/V through
     block_tables. Same semantics as paged_attention_ref; max_query_len >= max(q_len) sizes the grid.
     out: optional preallocated [T, H, D] output."""
     _check(q, k_cache, v_cache, seq_lens, block_tables)
+    check_kv_scales(k_cache, k_scale, v_scale)
     _check_ragged(q, query_start_loc, seq_lens)
     _check_kernel_inputs(q, k_cache, v_cache, seq_lens, block_tables)
     assert query_start_loc.is_contiguous()
@@ -315,12 +334,12 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     block_q = block_m // group
     grid = (batch, triton.cdiv(max_query_len, block_q), num_kv_heads)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, scale * _LOG2E,
+        q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, scale * k_scale * _LOG2E, float(v_scale),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+        KV_FP8=k_cache.dtype == FP8_KV_DTYPE, num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
@@ -372,12 +391,14 @@ def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, device: t
 
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
                            block_tables: torch.Tensor, scale: float, num_splits: int | None = None,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None, k_scale: float = 1.0,
+                           v_scale: float = 1.0) -> torch.Tensor:
     """One query token per sequence: q [B, H, D] -> [B, H, D]. Flash-decoding: the grid is
     (B, kv_heads, num_splits); each program reads its kv head's K/V once for all GROUP query heads,
     partial results are merged by a second kernel. num_splits=None picks it from B, kv heads and
     the block-table width (the context upper bound)."""
     _check(q, k_cache, v_cache, seq_lens, block_tables)
+    check_kv_scales(k_cache, k_scale, v_scale)
     _check_kernel_inputs(q, k_cache, v_cache, seq_lens, block_tables)
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -398,12 +419,12 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     else:
         part_acc = part_ml = out  # unused
     _decode_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, out, part_acc, part_ml, seq_lens, block_tables, scale * _LOG2E,
+        q, k_cache, v_cache, out, part_acc, part_ml, seq_lens, block_tables, scale * k_scale * _LOG2E, float(v_scale),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         NUM_HEADS=num_heads, GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+        KV_FP8=k_cache.dtype == FP8_KV_DTYPE, num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](

@@ -1,7 +1,8 @@
 """Paged attention over a ragged batch: writes this step's K/V into the cache, then attends.
 
 Per-layer cache: k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim]; block ids are
-the coordinator's global ids (see engine/kv_allocator.py).
+the coordinator's global ids (see engine/kv_allocator.py). The cache is in the model dtype or in
+float8 e4m3 (CacheConfig.kv_cache_dtype; the kernels quantize on write and dequantize on read).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ class Attention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        # Per-tensor scales of an fp8 KV cache (cache = x / scale): 1.0, as vLLM uses when the checkpoint
+        # has no calibrated k_scale/v_scale; a loader could set calibrated ones here. Unused otherwise.
+        self.k_scale = self.v_scale = 1.0
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
@@ -36,7 +40,7 @@ class Attention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache
-        write_kv_cache_op(k, v, k_cache, v_cache, meta.slot_mapping)
+        write_kv_cache_op(k, v, k_cache, v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
         out = attention_op(q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-                           self.scale, meta.max_query_len, meta.is_decode_only)
+                           self.scale, meta.max_query_len, meta.is_decode_only, self.k_scale, self.v_scale)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)  # [T, H*D]

@@ -26,6 +26,7 @@ from distrt.worker.request_state import RequestState
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_KV_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}  # "auto": the model dtype
 
 
 @dataclass
@@ -65,9 +66,13 @@ class ModelRunner:
     def num_local_layers(self) -> int:
         return len(self.model.layers)
 
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        return _KV_DTYPES.get(self.config.cache.kv_cache_dtype, self.ctx.dtype)
+
     def kv_block_bytes(self) -> int:
         m = self.config.model
-        elem = torch.empty((), dtype=self.ctx.dtype).element_size()
+        elem = torch.empty((), dtype=self.kv_dtype).element_size()  # fp8: 1 byte, twice the blocks of bf16
         heads = self.model.kv_heads_per_rank
         return self.num_local_layers * 2 * self.config.cache.block_size * heads * m.head_dim * elem
 
@@ -101,10 +106,14 @@ class ModelRunner:
         return max(0, free - peak)
 
     def init_kv_cache(self, num_blocks: int) -> None:
+        if (self.kv_dtype == torch.float8_e4m3fn and self.device.type == "cuda"
+                and torch.cuda.get_device_capability(self.device) < (8, 9)):
+            raise ValueError("kv_cache_dtype='fp8' needs a GPU of compute capability >= 8.9 (Ada, Hopper): "
+                             "Triton has no float8 e4m3 conversions before it")
         m = self.config.model
         shape = (num_blocks, self.config.cache.block_size, self.model.kv_heads_per_rank, m.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=self.ctx.dtype, device=self.device),
-                           torch.zeros(shape, dtype=self.ctx.dtype, device=self.device))
+        self.kv_caches = [(torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
+                           torch.zeros(shape, dtype=self.kv_dtype, device=self.device))
                           for _ in range(self.num_local_layers)]
         self.num_blocks = num_blocks
 

@@ -143,6 +143,13 @@ def throughput(llm: Any, n: int, inp: int, out: int) -> dict[str, float]:
             "steps": float(len(timer.samples)), "gpu_idle_fraction": idle / dt}
 
 
+def device_kwargs(device: str, kv_cache_memory: float, cpu_kv_blocks: int) -> dict[str, Any]:
+    """LLM kwargs of a bench run: fp32 with a fixed block count on CPU, bf16 with a KV memory share on GPU."""
+    if device == "cpu":
+        return dict(dtype="float32", device="cpu", num_kv_blocks=cpu_kv_blocks)
+    return dict(dtype="bfloat16", device="cuda", kv_cache_memory=kv_cache_memory)
+
+
 def bench_layout(a: argparse.Namespace, lay: Layout, workloads: list[tuple[int, int, int]], max_len: int,
                  row: dict[str, Any], save: Any) -> None:
     """Fills `row` measurement by measurement, calling save() after each (a step cut off by its time
@@ -150,9 +157,7 @@ def bench_layout(a: argparse.Namespace, lay: Layout, workloads: list[tuple[int, 
     from distrt import LLM
     from gpu_tp import bench_bs1
 
-    cpu = a.device == "cpu"
-    kw: dict[str, Any] = (dict(dtype="float32", device="cpu", num_kv_blocks=a.cpu_kv_blocks) if cpu
-                          else dict(dtype="bfloat16", device="cuda", kv_cache_memory=a.kv_cache_memory))
+    kw = device_kwargs(a.device, a.kv_cache_memory, a.cpu_kv_blocks)
     t0 = time.perf_counter()
     llm = LLM(f"shape:{a.shape}", **lay.llm_kwargs(), max_model_len=max_len, max_num_seqs=a.max_num_seqs,
               step_timeout_s=a.step_timeout_s, **kw)

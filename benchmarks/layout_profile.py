@@ -22,7 +22,7 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
-from gpu_multi import parse_layout, parse_workloads, release, throughput  # noqa: E402
+from gpu_multi import device_kwargs, parse_layout, parse_workloads, release, throughput  # noqa: E402
 
 
 def run_variant(a: argparse.Namespace, variant: str, inp: int, out: int, n: int) -> dict[str, Any]:
@@ -31,8 +31,7 @@ def run_variant(a: argparse.Namespace, variant: str, inp: int, out: int, n: int)
     spec, *opts = variant.split(":")
     lay = parse_layout(spec)
     kw: dict[str, Any] = dict(custom_all_reduce="noipc" not in opts, async_scheduling="sync" not in opts)
-    kw.update(dict(dtype="float32", device="cpu", num_kv_blocks=256) if a.device == "cpu"
-              else dict(dtype="bfloat16", device="cuda", kv_cache_memory=a.kv_cache_memory))
+    kw.update(device_kwargs(a.device, a.kv_cache_memory, cpu_kv_blocks=256))
     os.environ["DISTRT_TORCH_PROFILE"] = os.path.join(a.out_dir, variant.replace(":", "_"))
     os.environ["DISTRT_PROFILE_STEPS"] = a.profile_steps
     t0 = time.perf_counter()

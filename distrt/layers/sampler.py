@@ -118,14 +118,25 @@ class Sampler:
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (logits.shape, len(rows))
         logits = logits.float()
         dev = logits.device
-        want_lp = [r.spec.logprobs for r in rows]
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(k is not None for k in want_lp) else None
+        # one pass over the rows for what the batch needs (hundreds of plain greedy rows is the common case)
+        want_lp: list[int | None] = []
+        any_lp = any_suppress = any_penalty = any_random = False
+        for r in rows:
+            s = r.spec
+            want_lp.append(s.logprobs)
+            any_lp = any_lp or s.logprobs is not None
+            any_suppress = any_suppress or (bool(s.suppress_ids) and r.output_index < s.min_tokens)
+            any_penalty = any_penalty or s.needs_penalties
+            any_random = any_random or s.temperature > 0
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any_lp else None
 
-        logits = self._suppress(logits, rows)
-        logits = self._penalize(logits, rows)
+        if any_suppress:
+            logits = self._suppress(logits, rows)
+        if any_penalty:
+            logits = self._penalize(logits, rows)
 
         tokens = logits.argmax(dim=-1)
-        if any(r.spec.temperature > 0 for r in rows):  # decided on the host: no device sync
+        if any_random:  # decided on the host: no device sync
             temps = _on(dev, [r.spec.temperature for r in rows], torch.float32)
             sampled = self._sample(logits, rows, temps)
             tokens = torch.where(temps == 0, tokens, sampled)

@@ -12,6 +12,7 @@ import os
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from distrt.config import EngineConfig
@@ -19,6 +20,7 @@ from distrt.layers.attention import AttentionMetadata
 from distrt.layers.sampler import DeviceSample, Sampler, SamplerOutput, SamplerRow
 from distrt.models.model_loader import build_model
 from distrt.models.shard import ShardContext
+from distrt.worker.block_table import BlockTableRows
 from distrt.worker.cuda_graph import DecodeGraphs
 from distrt.worker.pipeline import StageLink
 from distrt.worker.request_state import RequestState
@@ -27,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _KV_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}  # "auto": the model dtype
+_EMPTY = np.zeros(0, dtype=np.int64)
 
 
 @dataclass
@@ -60,6 +63,8 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.time_stages = False
         self.received_event: torch.cuda.Event | None = None
+        sc = config.scheduler
+        self.block_rows = BlockTableRows(-(-sc.max_model_len // config.cache.block_size), sc.max_num_seqs + 8)
 
     # -- KV cache ---------------------------------------------------------------------------
     @property
@@ -98,6 +103,7 @@ class ModelRunner:
         self.init_kv_cache(-(-n // bs))
         state = RequestState("profile", [0] * n, n, list(range(-(-n // bs))), 0, _profile_spec())  # type: ignore[arg-type]
         self.execute([state], [n])
+        self.release_state(state)
         torch.cuda.synchronize(self.device)
         self.kv_caches = []
         peak = torch.cuda.max_memory_allocated(self.device) - before
@@ -143,46 +149,62 @@ class ModelRunner:
     def prepare(self, states: list[RequestState], num_tokens: list[int],
                 fills: dict[int, int] | None = None, prev_tokens: torch.Tensor | None = None) -> BatchInputs:
         """`fills`: state index -> row of `prev_tokens` (the previous step's samples, on the device)
-        that is the input id of that state's one scheduled token (a deferred decode)."""
+        that is the input id of that state's one scheduled token (a deferred decode).
+
+        One pass over the states gathers what only they know (start, length, block-table row, input
+        ids); positions, slots, offsets and the padded block tables are numpy over the whole batch."""
         bs = self.config.cache.block_size
-        ids: list[int] = []
-        pos: list[int] = []
-        slots: list[int] = []
-        qsl = [0]
-        seq_lens: list[int] = []
-        sample_rows: list[int] = []
-        sample_idx: list[int] = []
-        max_blocks = 1
-        for i, (st, n) in enumerate(zip(states, num_tokens)):
-            start = st.num_computed_tokens
-            end = start + n
-            ids.extend(st.token_ids[start:end])
-            pos.extend(range(start, end))
-            table = st.block_ids
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            qsl.append(qsl[-1] + n)
-            seq_lens.append(end)
-            max_blocks = max(max_blocks, len(table))
-            if end == len(st.token_ids):
-                sample_rows.append(i)
-                sample_idx.append(qsl[-1] - 1)
         nb = len(states)
-        flat_tables: list[int] = []
-        for st in states:
-            flat_tables.extend(st.block_ids)
-            flat_tables.extend([0] * (max_blocks - len(st.block_ids)))
-        t = len(ids)
-        fill_pos: list[int] = []
-        fill_src: list[int] = []
-        for i, row in (fills or {}).items():
-            if num_tokens[i] != 1 or states[i].num_pending != 1:
+        sync = self.block_rows.sync
+        starts = [0] * nb
+        rows = [0] * nb
+        ends_tok = [0] * nb
+        ids: list[int] = []
+        max_blocks = 1
+        decode_only = True
+        for i, (st, n) in enumerate(zip(states, num_tokens)):
+            s = starts[i] = st.num_computed_tokens
+            rows[i] = sync(st)
+            toks = st.token_ids
+            ends_tok[i] = len(toks)
+            if n == 1:
+                ids.append(toks[s])
+            else:
+                decode_only = False
+                ids.extend(toks[s: s + n])
+            if st.table_len > max_blocks:
+                max_blocks = st.table_len
+        cnt = np.asarray(num_tokens, dtype=np.int64)
+        start = np.asarray(starts, dtype=np.int64)
+        row = np.asarray(rows, dtype=np.int64)
+        end = start + cnt
+        qsl = np.zeros(nb + 1, dtype=np.int64)
+        np.cumsum(cnt, out=qsl[1:])
+        t = int(qsl[-1])
+        if decode_only:
+            pos, tok_row = start, row
+        else:
+            tok_row = np.repeat(row, cnt)
+            pos = np.arange(t, dtype=np.int64) + np.repeat(start - qsl[:-1], cnt)
+        table = self.block_rows.table
+        slots = table[tok_row, pos // bs].astype(np.int64) * bs + pos % bs
+        sampled = end == np.asarray(ends_tok, dtype=np.int64)
+        sample_rows = np.flatnonzero(sampled)
+        sample_idx = qsl[1:][sampled] - 1
+        fill_pos = fill_src = _EMPTY
+        if fills:
+            fi = np.fromiter(fills.keys(), dtype=np.int64, count=len(fills))
+            if (cnt[fi] != 1).any() or any(states[i].num_pending != 1 for i in fills):
+                i = next(i for i in fills if num_tokens[i] != 1 or states[i].num_pending != 1)
                 raise RuntimeError(f"deferred input of {states[i].req_id}: {num_tokens[i]} tokens scheduled, "
                                    f"{states[i].num_pending} placeholders")
-            fill_pos.append(qsl[i + 1] - 1)
-            fill_src.append(row)
+            fill_pos = qsl[fi + 1] - 1
+            fill_src = np.fromiter(fills.values(), dtype=np.int64, count=len(fills))
         # two host buffers, two copies: [ids | positions | slots | sample_idx | fills] and [qsl | seq_lens | tables]
-        h64 = torch.tensor(ids + pos + slots + sample_idx + fill_pos + fill_src, dtype=torch.int64)
-        h32 = torch.tensor(qsl + seq_lens + flat_tables, dtype=torch.int32)
+        h64 = torch.from_numpy(np.concatenate([np.asarray(ids, dtype=np.int64), pos, slots, sample_idx,
+                                               fill_pos, fill_src]))
+        h32 = torch.from_numpy(np.concatenate([qsl.astype(np.int32), end.astype(np.int32),
+                                               self.block_rows.gather(row, max_blocks).reshape(-1)]))
         if self.device.type == "cuda":
             d64 = h64.pin_memory().to(self.device, non_blocking=True)
             d32 = h32.pin_memory().to(self.device, non_blocking=True)
@@ -193,19 +215,23 @@ class ModelRunner:
             query_start_loc=d32[: nb + 1],
             seq_lens=d32[nb + 1: 2 * nb + 1],
             block_tables=d32[2 * nb + 1:].view(nb, max_blocks),  # [B, max_blocks]
-            max_query_len=max(num_tokens),
-            max_seq_len=max(seq_lens),
-            is_decode_only=max(num_tokens) == 1,
+            max_query_len=int(cnt.max()),
+            max_seq_len=int(end.max()),
+            is_decode_only=decode_only,
         )
         input_ids = d64[:t]
         ns = len(sample_idx)
-        if fill_pos:
+        if len(fill_pos):
             assert prev_tokens is not None, "deferred inputs need the previous step's samples"
             nf = len(fill_pos)
             f = d64[3 * t + ns:]
             input_ids[f[:nf]] = prev_tokens[f[nf:]]
-        return BatchInputs(input_ids=input_ids, positions=d64[t: 2 * t], meta=meta, sample_rows=sample_rows,
+        return BatchInputs(input_ids=input_ids, positions=d64[t: 2 * t], meta=meta, sample_rows=sample_rows.tolist(),
                            sample_token_idx=d64[3 * t: 3 * t + ns])
+
+    def release_state(self, st: RequestState) -> None:
+        """The worker dropped st: its block-table row is free again."""
+        self.block_rows.release(st)
 
     @torch.inference_mode()
     def forward_logits(self, inputs: BatchInputs) -> torch.Tensor:

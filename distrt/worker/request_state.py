@@ -16,6 +16,8 @@ class RequestState:
     num_computed_tokens: int
     sampling: SamplingSpec
     num_pending: int = 0  # trailing token_ids that are placeholders for samples still on the device
+    row: int = -1  # this request's row in the runner's BlockTableRows (-1: none yet)
+    table_len: int = 0  # how many of block_ids that row holds
 
     def add_tokens(self, new: tuple[int, ...] | list[int]) -> None:
         """Tokens from the coordinator fill placeholders first, then extend the sequence."""

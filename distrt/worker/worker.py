@@ -77,9 +77,15 @@ class Worker:
         (state index -> row of the previous step's samples)."""
         if plan.expert_placements:
             self._apply_expert_placements(plan)
+        release = self.runner.release_state
         for rid in plan.finished_ids:
-            self.states.pop(rid, None)
+            st = self.states.pop(rid, None)
+            if st is not None:
+                release(st)
         for new in plan.new_requests:
+            old = self.states.get(new.req_id)
+            if old is not None:
+                release(old)
             self.states[new.req_id] = RequestState.from_new(new)
         deferred: set[RequestId] = set()
         for c in plan.cached_requests:

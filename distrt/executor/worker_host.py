@@ -103,12 +103,15 @@ class WorkerHost:
         assert self.comm is not None
         tp_comm = self.comm.split(layout.tp_groups()) if layout.tp_size > 1 else None
         if tp_comm is not None and device.startswith("cuda") and self.config.parallel.custom_all_reduce:
-            from distrt.parallel.custom_allreduce import create_ipc_all_reduce
+            from distrt.parallel.custom_allreduce import create_ipc_all_reduce, default_max_bytes, env_config
             from distrt.parallel.fast_allreduce import FastAllReduceComm
 
-            ipc = create_ipc_all_reduce(tp_comm, torch.device(device))  # collective over the TP group
+            sc = self.config.scheduler
+            max_bytes = default_max_bytes(tp_comm.size, self.config.model.hidden_size,
+                                          min(sc.max_num_batched_tokens, sc.max_model_len))
+            ipc = create_ipc_all_reduce(tp_comm, torch.device(device), max_bytes, **env_config())  # collective (TP group)
             logger.info("rank %d: TP all-reduce %s", self.rank,
-                        "through the IPC one-shot kernel for small messages" if ipc is not None else "through NCCL")
+                        f"through the IPC one-shot kernel up to {max_bytes >> 10} KB" if ipc is not None else "through NCCL")
             if ipc is not None:
                 tp_comm = FastAllReduceComm(tp_comm, ipc)
         pp_comm = self.comm.split(layout.pp_groups()) if layout.pp_size > 1 else None
@@ -199,6 +202,8 @@ class WorkerHost:
                                 "device": str(getattr(getattr(w, "ctx", None), "device", "")), "tp_all_reduce": path}
         if path == "ipc":  # 0, or 1 + the peer a kernel gave up waiting for (synchronizes the device)
             info["ipc_error"] = tp.ipc.error()
+            info["ipc_config"] = f"{'push' if tp.ipc.push else 'pull'}:{tp.ipc.chunk_bytes}, {tp.ipc.programs} programs, " \
+                                 f"up to {tp.ipc.max_bytes >> 10} KB"
         return info
 
     def ping(self) -> float:

@@ -14,14 +14,18 @@ Each rank owns one IPC allocation; data for source rank ``s`` sits at ``[slot][s
     pull (default): rank r writes its chunk to its OWN data[slot][r]; peers read it over NVLink.
     push          : rank r writes its chunk into EVERY PEER's data[slot][r]; reads are local.
 
-One call, program ``p`` (it owns bytes ``[p*chunk, (p+1)*chunk)`` of the message, for every dtype):
+The message is cut into chunks of ``chunk`` bytes; chunk ``b`` always belongs to program
+``b % P``, where ``P = programs`` is fixed per object (at most the GPU's SM count, so every program
+of a call is resident at once: a program spins on its peers' same program). A call launches
+``min(chunks, P)`` programs; a message of more than ``P`` chunks makes each program loop over its
+chunks ``p, p + P, p + 2P, ...`` (2 GPUs: a 4 MB call is 1024 chunks over 132 programs):
 
     c = counters[p] + 1; counters[p] = c          # local memory: graphs freeze args, not memory
-    store my chunk at data[c % 2][rank]           # own buffer (pull) or each peer's (push)
+    store my chunks at data[c % 2][rank]          # own buffer (pull) or each peer's (push)
     debug_barrier                                 # every thread's stores precede ...
     atomic_xchg(peer.flags[p][rank], c, release, sys)   # ... the signal (one thread per program)
     spin: atomic_add(my.flags[p][s], 0, acquire, sys) >= c for every peer s (bounded, see below)
-    debug_barrier; sum data[c % 2][s] over s = 0..world-1 in fp32, in rank order; store in place
+    debug_barrier; per chunk: sum data[c % 2][s] over s = 0..world-1 in fp32, in rank order; store in place
 
 Why two slots suffice: rank A's program p can only *start* call k+2 after it finished call k+1,
 and it finished k+1 only after seeing every peer's k+1 signal; a peer sends its k+1 signal only after
@@ -69,10 +73,12 @@ FLAG_STRIDE = 8  # int64 flags per program: one per source rank, one 64-byte lin
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 ALIGN = 16  # bytes: one vector per thread; sizes and pointers must be multiples of it
 DEFAULT_SPIN_LIMIT = 1 << 26  # polls before a program gives up on a peer (tens of seconds)
-# One-shot moves (world - 1) x nbytes into every rank; beyond these sizes a ring/two-shot wins.
-# The 2-GPU figure is to be tuned from benchmarks/custom_allreduce_probe.py.
-_ONE_SHOT_LIMIT = {2: 512 << 10, 3: 256 << 10, 4: 256 << 10}
+# One-shot moves (world - 1) x nbytes into every rank; beyond these sizes a ring/two-shot wins. With
+# two ranks a one-shot moves what a ring does (nbytes each way), without NCCL's latency, so it takes
+# every size the buffer holds (2 H200s: benchmarks/results/h200x2/custom_allreduce*.json).
+_ONE_SHOT_LIMIT = {2: 1 << 62, 3: 256 << 10, 4: 256 << 10}
 _ONE_SHOT_LIMIT_LARGE_WORLD = 128 << 10
+CHUNK_BYTES = 4096  # per program and loop iteration: 256 threads x 16 B
 _CUDA_IPC_LAZY_PEER_ACCESS = 1  # cudaIpcMemLazyEnablePeerAccess
 _CU_P2P_NATIVE_ATOMIC = 3  # CU_DEVICE_P2P_ATTRIBUTE_NATIVE_ATOMIC_SUPPORTED
 
@@ -89,33 +95,51 @@ def should_use(nbytes: int, world: int, max_bytes: int = DEFAULT_MAX_BYTES) -> b
     return nbytes <= min(max_bytes, _ONE_SHOT_LIMIT.get(world, _ONE_SHOT_LIMIT_LARGE_WORLD))
 
 
-def default_chunk_bytes(max_bytes: int) -> int:
-    """Bytes per Triton program: 4 KB (256 threads x 16 B), larger when max_bytes needs > 256 programs."""
-    chunk = 4096
-    while max_bytes > 256 * chunk:
-        chunk *= 2
-    return chunk
+def default_max_bytes(world: int, hidden_size: int = 8192, max_tokens: int = 2048) -> int:
+    """The buffer a TP group's one-shot all-reduce needs: 2 ranks take every size (a prefill step's
+    max_tokens x hidden bf16 activations), more ranks only small (decode) messages."""
+    if world == 2:
+        return max(DEFAULT_MAX_BYTES, -(-hidden_size * max_tokens * 2 // CHUNK_BYTES) * CHUNK_BYTES)
+    return DEFAULT_MAX_BYTES
+
+
+def env_config(environ: Any = None) -> dict[str, Any]:
+    """Kernel settings from DISTRT_IPC_ALLREDUCE="pull|push[:chunk_bytes]" (empty: the defaults), so a
+    run can try what benchmarks/custom_allreduce_probe.py found fastest without a code change."""
+    import os
+
+    raw = ((environ if environ is not None else os.environ).get("DISTRT_IPC_ALLREDUCE") or "").strip()
+    if not raw:
+        return {}
+    mode, _, chunk = raw.partition(":")
+    if mode not in ("pull", "push") or (chunk and not chunk.isdigit()):
+        raise ValueError(f"DISTRT_IPC_ALLREDUCE={raw!r}: expected pull or push, optionally :chunk_bytes (e.g. push:16384)")
+    cfg: dict[str, Any] = {"push": mode == "push"}
+    if chunk:
+        cfg["chunk_bytes"] = int(chunk)
+    return cfg
 
 
 def num_warps_for(chunk_bytes: int) -> int:
     return max(1, min(8, chunk_bytes // (ALIGN * 32)))
 
 
-def launch_grid(nbytes: int, chunk_bytes: int) -> int:
-    return -(-nbytes // chunk_bytes)
+def launch_grid(nbytes: int, chunk_bytes: int, programs: int | None = None) -> int:
+    """Programs a call of nbytes launches: one per chunk, at most ``programs`` (they then loop)."""
+    n = -(-nbytes // chunk_bytes)
+    return n if programs is None else min(n, programs)
 
 
 def _kernel(x_ptr, data_ptrs, flag_ptrs, counter_ptr, err_ptr, numel, spin_limit,
             RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr,
-            CAP: tl.constexpr, FLAGS: tl.constexpr, PUSH: tl.constexpr):
+            CAP: tl.constexpr, FLAGS: tl.constexpr, PUSH: tl.constexpr, STRIDE: tl.constexpr):
     # data_ptrs / flag_ptrs: tuples of every rank's addresses, kernel arguments (no loads on the
-    # critical path), indexed by compile-time ranks
+    # critical path), indexed by compile-time ranks. Program pid owns chunks pid, pid + STRIDE, ...
     pid = tl.program_id(0)
     elem = x_ptr.dtype.element_ty
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
     n = (numel // VEC) * VEC  # == numel (the host checks); the product tells the compiler VEC | n
-    mask = offs < n
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    nblk = tl.cdiv(n, BLOCK)
+    lane = tl.arange(0, BLOCK)
 
     call = tl.load(counter_ptr + pid) + 1
     tl.store(counter_ptr + pid, call)
@@ -124,13 +148,17 @@ def _kernel(x_ptr, data_ptrs, flag_ptrs, counter_ptr, err_ptr, numel, spin_limit
     my_flags = flag_ptrs[RANK].to(tl.int64).to(tl.pointer_type(tl.int64)) + pid * FLAGS
 
     # publish: [slot][RANK] in my buffer (pull) or in every peer's (push)
-    if PUSH:
-        for r in tl.static_range(WORLD):
-            if r != RANK:
-                peer = tl.multiple_of(data_ptrs[r].to(tl.int64).to(tl.pointer_type(elem)), 16)
-                tl.store(peer + (slot * WORLD + RANK) * CAP + offs, x, mask=mask)
-    else:
-        tl.store(mine + (slot * WORLD + RANK) * CAP + offs, x, mask=mask)
+    for b in range(pid, nblk, STRIDE):
+        offs = b * BLOCK + lane
+        mask = offs < n
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        if PUSH:
+            for r in tl.static_range(WORLD):
+                if r != RANK:
+                    peer = tl.multiple_of(data_ptrs[r].to(tl.int64).to(tl.pointer_type(elem)), 16)
+                    tl.store(peer + (slot * WORLD + RANK) * CAP + offs, x, mask=mask)
+        else:
+            tl.store(mine + (slot * WORLD + RANK) * CAP + offs, x, mask=mask)
     tl.debug_barrier()  # all threads' stores happen-before the (single-thread) release below
     for r in tl.static_range(WORLD):
         if r != RANK:
@@ -149,21 +177,24 @@ def _kernel(x_ptr, data_ptrs, flag_ptrs, counter_ptr, err_ptr, numel, spin_limit
                 tl.store(err_ptr, r + 1)
     tl.debug_barrier()  # the acquire (one thread) happens-before every thread's loads below
 
-    for r in tl.static_range(WORLD):
-        if r == RANK:
-            v = x.to(tl.float32)
-        else:
-            if PUSH:
-                src = mine
+    for b in range(pid, nblk, STRIDE):
+        offs = b * BLOCK + lane
+        mask = offs < n
+        for r in tl.static_range(WORLD):
+            if r == RANK:
+                v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             else:
-                src = tl.multiple_of(data_ptrs[r].to(tl.int64).to(tl.pointer_type(elem)), 16)
-            v = tl.load(src + (slot * WORLD + r) * CAP + offs, mask=mask, other=0.0,
-                        cache_modifier=".cg").to(tl.float32)
-        if r == 0:
-            acc = v
-        else:
-            acc = acc + v
-    tl.store(x_ptr + offs, acc.to(elem), mask=mask)
+                if PUSH:
+                    src = mine
+                else:
+                    src = tl.multiple_of(data_ptrs[r].to(tl.int64).to(tl.pointer_type(elem)), 16)
+                v = tl.load(src + (slot * WORLD + r) * CAP + offs, mask=mask, other=0.0,
+                            cache_modifier=".cg").to(tl.float32)
+            if r == 0:
+                acc = v
+            else:
+                acc = acc + v
+        tl.store(x_ptr + offs, acc.to(elem), mask=mask)
 
 
 def _jit() -> None:
@@ -180,22 +211,25 @@ def _jit() -> None:
 
 def launch(x: torch.Tensor, data_ptrs: Sequence[int], flag_ptrs: Sequence[int], counters: torch.Tensor,
            err: torch.Tensor, *, rank: int, world: int, max_bytes: int, chunk_bytes: int, push: bool,
-           spin_limit: int, warmup_only: bool = False) -> torch.Tensor:
+           spin_limit: int, programs: int | None = None, warmup_only: bool = False) -> torch.Tensor:
     """Reduces ``x`` in place (the kernel alone; ``IpcAllReduce`` owns the buffers and checks).
 
     ``data_ptrs``/``flag_ptrs``: every rank's data and flag areas (its own included) as addresses
-    this process can use, 16-byte aligned; ``counters``: int64 [max_bytes // chunk_bytes];
+    this process can use, 16-byte aligned; ``programs``: the ownership stride P (chunk b belongs to
+    program b % P; default max_bytes // chunk_bytes, one chunk each); ``counters``: int64 [P];
     ``err``: int32 [1]."""
     _jit()
     nbytes = x.numel() * x.element_size()
+    programs = programs or max_bytes // chunk_bytes
     assert x.dtype in DTYPES and x.is_contiguous() and nbytes % ALIGN == 0 and 0 < nbytes <= max_bytes
     assert max_bytes % chunk_bytes == 0 and chunk_bytes % ALIGN == 0, (max_bytes, chunk_bytes)
     assert len(data_ptrs) == len(flag_ptrs) == world and all(p % ALIGN == 0 for p in (*data_ptrs, *flag_ptrs))
-    assert counters.dtype == torch.int64 and counters.numel() >= max_bytes // chunk_bytes and err.dtype == torch.int32
-    grid = (launch_grid(nbytes, chunk_bytes),)
+    assert counters.dtype == torch.int64 and counters.numel() >= programs and err.dtype == torch.int32
+    grid = (launch_grid(nbytes, chunk_bytes, programs),)
     args = (x, tuple(data_ptrs), tuple(flag_ptrs), counters, err, x.numel(), spin_limit)
     meta = dict(RANK=rank, WORLD=world, BLOCK=chunk_bytes // x.element_size(), VEC=ALIGN // x.element_size(),
-                CAP=max_bytes // x.element_size(), FLAGS=FLAG_STRIDE, PUSH=push, num_warps=num_warps_for(chunk_bytes))
+                CAP=max_bytes // x.element_size(), FLAGS=FLAG_STRIDE, PUSH=push, STRIDE=programs,
+                num_warps=num_warps_for(chunk_bytes))
     if warmup_only:
         _kernel.warmup(*args, grid=grid, **meta)
     else:
@@ -320,7 +354,7 @@ class IpcAllReduce:
 
     ``all_reduce(t)`` sums ``t`` over ranks in place (like ``NcclComm``; use the return value) when
     it is bf16/fp16/fp32, a multiple of 16 bytes, within ``max_bytes`` and the one-shot limit for the
-    world size (``should_use``), and needs no more programs than the GPU has SMs; anything else goes
+    world size (``should_use``); anything else goes
     to ``comm.all_reduce``. The choice depends only on shape and dtype, the same on every
     rank. Calls must come in the same order on every rank, on one stream at a time.
     """
@@ -336,11 +370,15 @@ class IpcAllReduce:
             raise ValueError(f"IpcAllReduce needs 2..{MAX_WORLD} ranks, got {self.world}")
         dev = _as_device(device)
         self.device = dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device())
-        self.chunk_bytes = chunk_bytes or default_chunk_bytes(max_bytes)
+        self.chunk_bytes = chunk_bytes or CHUNK_BYTES
         if self.chunk_bytes % ALIGN or self.chunk_bytes & (self.chunk_bytes - 1):
             raise ValueError(f"chunk_bytes must be a power of two >= {ALIGN}, got {self.chunk_bytes}")
         self.max_bytes = -(-max_bytes // self.chunk_bytes) * self.chunk_bytes
-        self.programs = self.max_bytes // self.chunk_bytes
+        # Every program of a call spins until the same program of each peer has published, so all of
+        # them must be resident at once: a grid wider than the SMs can wait on programs that never get
+        # an SM while the resident ones spin (seen on 4 H200s: 256 programs of 1 MB calls stalled until
+        # the spin limit). So at most one program per SM; larger calls loop (chunk b -> program b % P).
+        self.programs = min(self.max_bytes // self.chunk_bytes, _sm_count(self.device))
         self.push, self.spin_limit = push, spin_limit
         self._closed = False
         self._peer_ptrs: list[int] = []
@@ -358,11 +396,11 @@ class IpcAllReduce:
                 handle = self._rt.ipcGetMemHandle(self._base)
             except Exception as e:  # every rank still takes part in the exchanges below
                 error = f"rank {self.rank}: {e!r}"
-            config = (self.max_bytes, self.chunk_bytes, self.push)
+            config = (self.max_bytes, self.chunk_bytes, self.push, self.programs)
             exchanged = _all_gather_object(comm, (handle, config))
             handles = [h for h, _ in exchanged]
             if any(cfg != config for _, cfg in exchanged):
-                error = f"ranks disagree on (max_bytes, chunk_bytes, push): {[cfg for _, cfg in exchanged]}"
+                error = f"ranks disagree on (max_bytes, chunk_bytes, push, programs): {[cfg for _, cfg in exchanged]}"
             bases = [0] * self.world
             if not error and all(h is not None for h in handles):
                 try:
@@ -382,11 +420,6 @@ class IpcAllReduce:
         self._data_ptrs = tuple(bases)
         self._flag_ptrs = tuple(b + data_bytes for b in bases)
         self._counters = torch.zeros(self.programs, dtype=torch.int64, device=self.device)
-        # Every program of a call spins until the same program of each peer has published, so all of
-        # them must be resident at once: a grid wider than the SMs can wait on programs that never get
-        # an SM while the resident ones spin (seen on 4 H200s: 256 programs of 1 MB calls stalled until
-        # the spin limit). One program per SM always fits; larger calls go to the communicator.
-        self.max_programs = min(self.programs, _sm_count(self.device))
         self._err = torch.zeros(1, dtype=torch.int32, device=self.device)
         with _live_lock:
             _live.append(weakref.ref(self))
@@ -396,8 +429,7 @@ class IpcAllReduce:
     def supports(self, t: torch.Tensor) -> bool:
         nbytes = t.numel() * t.element_size()
         return (not self._closed and t.dtype in DTYPES and t.device == self.device
-                and should_use(nbytes, self.world, self.max_bytes)
-                and launch_grid(nbytes, self.chunk_bytes) <= self.max_programs)
+                and should_use(nbytes, self.world, self.max_bytes))
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         if not self.supports(t):
@@ -412,7 +444,7 @@ class IpcAllReduce:
     def _launch(self, t: torch.Tensor, warmup_only: bool = False) -> torch.Tensor:
         return launch(t, self._data_ptrs, self._flag_ptrs, self._counters, self._err, rank=self.rank,
                       world=self.world, max_bytes=self.max_bytes, chunk_bytes=self.chunk_bytes, push=self.push,
-                      spin_limit=self.spin_limit, warmup_only=warmup_only)
+                      spin_limit=self.spin_limit, programs=self.programs, warmup_only=warmup_only)
 
     def _fallback(self, t: torch.Tensor) -> torch.Tensor:
         if self.comm.device == t.device:
@@ -497,4 +529,4 @@ class IpcAllReduce:
                 f"chunk_bytes={self.chunk_bytes}, push={self.push})")
 
 
-__all__ = ["IpcAllReduce", "create_ipc_all_reduce", "should_use", "launch", "DEFAULT_MAX_BYTES"]
+__all__ = ["IpcAllReduce", "create_ipc_all_reduce", "should_use", "launch", "default_max_bytes", "DEFAULT_MAX_BYTES"]

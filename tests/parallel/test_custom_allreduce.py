@@ -34,13 +34,25 @@ def test_should_use_decisions() -> None:
     assert not car.should_use(2 << 20, 2)  # above max_bytes
     assert not car.should_use(256 << 10, 8)  # one-shot reads 7 x 256 KB per rank: NCCL's size
     assert car.should_use(256 << 10, 2, max_bytes=256 << 10) and not car.should_use(256 << 10, 2, max_bytes=128 << 10)
+    assert car.should_use(16 << 20, 2, max_bytes=16 << 20)  # two ranks: one-shot at every size the buffer holds
+    assert not car.should_use(1 << 20, 4, max_bytes=16 << 20)  # four: 3 x 1 MB into every rank, NCCL's size
 
 
 def test_chunking() -> None:
-    assert car.default_chunk_bytes(1 << 20) == 4096
-    assert car.default_chunk_bytes(4 << 20) == 16384  # at most 256 programs
     assert car.launch_grid(8 << 10, 4096) == 2 and car.launch_grid(8 << 10 | 16, 4096) == 3
+    assert car.launch_grid(4 << 20, 4096, programs=132) == 132  # 1024 chunks: every program loops
+    assert car.launch_grid(8 << 10, 4096, programs=132) == 2
+    assert car.default_max_bytes(2, 4096, 2048) == 16 << 20  # a 2048-token bf16 prefill step of an 8B model
+    assert car.default_max_bytes(4, 4096, 2048) == car.DEFAULT_MAX_BYTES
     assert [car.num_warps_for(c) for c in (512, 2048, 4096, 16384)] == [1, 4, 8, 8]
+
+
+def test_env_config() -> None:
+    assert car.env_config({}) == {} and car.env_config({"DISTRT_IPC_ALLREDUCE": ""}) == {}
+    assert car.env_config({"DISTRT_IPC_ALLREDUCE": "push:16384"}) == {"push": True, "chunk_bytes": 16384}
+    assert car.env_config({"DISTRT_IPC_ALLREDUCE": "pull"}) == {"push": False}
+    with pytest.raises(ValueError, match="DISTRT_IPC_ALLREDUCE"):
+        car.env_config({"DISTRT_IPC_ALLREDUCE": "fast:4k"})
 
 
 def test_factory_none_for_single_rank() -> None:
@@ -74,9 +86,9 @@ class _Emulated:
     """``world`` ranks' IPC areas in host memory; rank 0's kernel runs for real, the others' halves
     (publish + signal) are written by ``publish`` before rank 0 runs, then their kernels run too."""
 
-    def __init__(self, world: int, max_bytes: int, chunk: int, push: bool) -> None:
+    def __init__(self, world: int, max_bytes: int, chunk: int, push: bool, programs: int | None = None) -> None:
         self.world, self.max_bytes, self.chunk, self.push = world, max_bytes, chunk, push
-        self.programs = max_bytes // chunk
+        self.programs = programs or max_bytes // chunk
         self.data = [torch.zeros(2 * world * max_bytes, dtype=torch.uint8) for _ in range(world)]
         self.flags = [torch.zeros(self.programs, car.FLAG_STRIDE, dtype=torch.int64) for _ in range(world)]
         self.data_ptrs = [d.data_ptr() for d in self.data]
@@ -89,15 +101,17 @@ class _Emulated:
         return self.data[holder].view(dtype)[(slot * self.world + src) * cap:(slot * self.world + src + 1) * cap]
 
     def publish(self, src: int, x: torch.Tensor) -> None:
-        """What rank ``src``'s kernel does before it waits: each program p publishes its chunk in
-        slot (its call number) % 2 and signals that call number to every peer."""
+        """What rank ``src``'s kernel does before it waits: each program p publishes its chunks
+        (p, p + programs, ...) in slot (its call number) % 2 and signals that call number to every peer."""
         holders = [d for d in range(self.world) if d != src] if self.push else [src]
         per = self.chunk // x.element_size()
-        for p in range(car.launch_grid(x.numel() * x.element_size(), self.chunk)):
+        nchunks = car.launch_grid(x.numel() * x.element_size(), self.chunk)
+        for p in range(car.launch_grid(x.numel() * x.element_size(), self.chunk, self.programs)):
             call = int(self.counters[src][p]) + 1
-            chunk = x[p * per:(p + 1) * per]
-            for h in holders:
-                self._slot(h, call % 2, src, x.dtype)[p * per:p * per + chunk.numel()] = chunk
+            for b in range(p, nchunks, self.programs):
+                chunk = x[b * per:(b + 1) * per]
+                for h in holders:
+                    self._slot(h, call % 2, src, x.dtype)[b * per:b * per + chunk.numel()] = chunk
             for d in range(self.world):
                 if d != src:
                     self.flags[d][p, src] = call
@@ -105,7 +119,7 @@ class _Emulated:
     def run(self, rank: int, x: torch.Tensor, spin_limit: int = 50) -> torch.Tensor:
         return car.launch(x, self.data_ptrs, self.flag_ptrs, self.counters[rank], self.errs[rank], rank=rank,
                           world=self.world, max_bytes=self.max_bytes, chunk_bytes=self.chunk, push=self.push,
-                          spin_limit=spin_limit)
+                          spin_limit=spin_limit, programs=self.programs)
 
 
 @_interpreted
@@ -156,6 +170,24 @@ def test_kernel_spin_limit_sets_error_instead_of_hanging() -> None:
     em.run(0, torch.ones(64), spin_limit=20)  # rank 1 never signals
     assert int(em.errs[0]) == 2  # 1 + the rank it gave up on
     assert em.flags[1][0, 0] == 1  # its own signal went out all the same
+
+
+@_interpreted
+@pytest.mark.parametrize("push", [False, True], ids=["pull", "push"])
+def test_kernel_loops_when_chunks_exceed_programs(push: bool) -> None:
+    """3 programs own 8 chunks (0,3,6 / 1,4,7 / 2,5): every chunk is published, reduced and summed
+    exactly; a following 1-chunk call runs program 0 only, with its own parity."""
+    pytest.importorskip("triton")
+    world, max_bytes, chunk = 2, 8192, 1024
+    em = _Emulated(world, max_bytes, chunk, push, programs=3)
+    for call, numel in enumerate([max_bytes // 4 - 4, 200], start=1):
+        xs = [torch.randn(numel, generator=torch.Generator().manual_seed(10 * call + r)) for r in range(world)]
+        em.publish(1, xs[1])
+        outs = [em.run(r, xs[r].clone()) for r in range(world)]
+        assert [int(e) for e in em.errs] == [0] * world
+        assert em.counters[0].tolist() == {1: [1, 1, 1], 2: [2, 1, 1]}[call]
+        assert torch.equal(em.counters[1], em.counters[0])
+        assert torch.equal(outs[0], xs[0] + xs[1]) and torch.equal(outs[1], outs[0]), f"call {call}"
 
 
 def _shm_rank(rank: int, world: int, names: list[str], push: bool) -> None:
@@ -275,6 +307,34 @@ def _check_graph(comm, ar, rank: int, world: int) -> None:  # type: ignore[no-un
     del graph
 
 
+def _check_large(comm, ar, rank: int, world: int) -> None:  # type: ignore[no-untyped-def]
+    """Messages of more chunks than programs (each program loops), mixed with small ones, eager and
+    in a graph: a 2048-token prefill step's 16 MB, a 512-sequence decode's 4 MB, 8 KB."""
+    dev = comm.device
+    assert ar.programs <= torch.cuda.get_device_properties(dev).multi_processor_count
+    sizes = [(torch.bfloat16, 16 << 20), (torch.bfloat16, 8 << 10), (torch.float32, (4 << 20) + 16),
+             (torch.bfloat16, 4 << 20)]
+    for seed, (dtype, nbytes) in enumerate(sizes):
+        numel = nbytes // torch.empty(0, dtype=dtype).element_size()
+        assert ar.supports(torch.empty(numel, dtype=dtype, device=dev))
+        got = ar.all_reduce(_input(rank, numel, dtype, 500 + seed).to(dev))
+        torch.cuda.synchronize()
+        assert torch.equal(got.cpu(), _want(world, numel, dtype, 500 + seed)), f"{dtype} {nbytes} B"
+    bufs = [torch.zeros(n // 2, dtype=torch.bfloat16, device=dev) for n in (4 << 20, 8 << 10, 16 << 20)]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [ar.all_reduce(b) for b in bufs]
+    for step in range(6):
+        for i, b in enumerate(bufs):
+            b.copy_(_input(rank, b.numel(), b.dtype, 2000 + 10 * step + i))
+        graph.replay()
+        torch.cuda.synchronize()
+        for i, (b, o) in enumerate(zip(bufs, outs, strict=True)):
+            assert torch.equal(o.cpu(), _want(world, b.numel(), b.dtype, 2000 + 10 * step + i)), f"replay {step} #{i}"
+    ar.check()
+    del graph
+
+
 def _gpu_rank(rank: int, world: int, init: str) -> None:
     gloo, comm = _nccl_pair(rank, world, init)
     for push in (False, True):
@@ -283,6 +343,10 @@ def _gpu_rank(rank: int, world: int, init: str) -> None:
         _check_eager(comm, ar, rank, world)
         _check_graph(comm, ar, rank, world)
         ar.close()
+    ar = car.create_ipc_all_reduce(comm, max_bytes=16 << 20, spin_limit=1 << 22)
+    assert ar is not None
+    _check_large(comm, ar, rank, world)
+    ar.close()
     comm.destroy()
     gloo.destroy()
 

@@ -11,8 +11,9 @@ Each rank owns one IPC allocation; data for source rank ``s`` sits at ``[slot][s
     flags  [programs][8] int64           flags[p][s]: the last call in which rank s's program p
                                          published its chunk to this rank (only s writes it)
 
-    pull (default): rank r writes its chunk to its OWN data[slot][r]; peers read it over NVLink.
-    push          : rank r writes its chunk into EVERY PEER's data[slot][r]; reads are local.
+    pull          : rank r writes its chunk to its OWN data[slot][r]; peers read it over NVLink.
+    push (default): rank r writes its chunk into EVERY PEER's data[slot][r]; reads are local. On 2 H200s
+                    it was the fastest at 8-64 KB and 4 MB (results/h200x2/custom_allreduce_large.json).
 
 The message is cut into chunks of ``chunk`` bytes; chunk ``b`` always belongs to program
 ``b % P``, where ``P = programs`` is fixed per object (at most the GPU's SM count, so every program
@@ -360,7 +361,7 @@ class IpcAllReduce:
     """
 
     def __init__(self, comm: Communicator, device: torch.device | int | str, max_bytes: int = DEFAULT_MAX_BYTES,
-                 *, chunk_bytes: int | None = None, push: bool = False, spin_limit: int = DEFAULT_SPIN_LIMIT,
+                 *, chunk_bytes: int | None = None, push: bool = True, spin_limit: int = DEFAULT_SPIN_LIMIT,
                  warmup: bool = True) -> None:
         import cupy
 

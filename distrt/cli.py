@@ -100,6 +100,9 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     k = bench_sub.add_parser("kernels", help="Triton kernels vs the measured copy bandwidth / GEMM rate (GPU)")
     k.add_argument("--quick", action="store_true")
     k.add_argument("--tune", action="store_true")
+    k.add_argument("--kv-dtype", choices=["auto", "fp8"], default="auto",
+                   help="fp8: also time decode attention over an fp8 (e4m3) KV cache")
+    k.add_argument("--tune-fp8", action="store_true", help="sweep the decode launch config over an fp8 cache")
     k.add_argument("--out", default=None)
     k.set_defaults(func=_run_bench_kernels)
     add_bench_serve_subcommand(bench_sub)
@@ -108,7 +111,8 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
 def _run_bench_kernels(a: argparse.Namespace) -> int:
     from distrt.bench.kernels import main as kernels_main
 
-    kernels_main((["--quick"] if a.quick else []) + (["--tune"] if a.tune else []) + (["--out", a.out] if a.out else []))
+    kernels_main((["--quick"] if a.quick else []) + (["--tune"] if a.tune else []) + ["--kv-dtype", a.kv_dtype]
+                 + (["--tune-fp8"] if a.tune_fp8 else []) + (["--out", a.out] if a.out else []))
     return 0
 
 

@@ -91,12 +91,13 @@ def graph_ms(fns: list[Callable[[], Any]], reps: int = 20) -> float:
     return sorted(times)[len(times) // 2] / len(fns)
 
 
-def make_paged_kv(batch: int, context: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def make_paged_kv(batch: int, context: int, gen: torch.Generator,
+                  kv_dtype: torch.dtype = DTYPE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Caches holding exactly batch*context tokens, block tables scrambled over the whole pool."""
     blocks_per_seq = math.ceil(context / BLOCK_SIZE)
     num_blocks = batch * blocks_per_seq
-    k_cache = torch.randn(num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
-    v_cache = torch.randn_like(k_cache)
+    k_cache = torch.randn(num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE).to(kv_dtype)
+    v_cache = torch.randn(num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE).to(kv_dtype)
     perm = torch.randperm(num_blocks, generator=gen).to(torch.int32)
     block_tables = perm.view(batch, blocks_per_seq).cuda()
     return k_cache, v_cache, block_tables
@@ -105,14 +106,14 @@ def make_paged_kv(batch: int, context: int, gen: torch.Generator) -> tuple[torch
 class DecodeCase:
     """Decode inputs for one (batch, context), replicated until they exceed 4x the L2 cache."""
 
-    def __init__(self, batch: int, context: int, gen: torch.Generator) -> None:
-        self.batch, self.context = batch, context
-        self.kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
+    def __init__(self, batch: int, context: int, gen: torch.Generator, kv_dtype: torch.dtype = DTYPE) -> None:
+        self.batch, self.context, self.kv_dtype = batch, context, kv_dtype
+        self.kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * kv_dtype.itemsize
         l2 = torch.cuda.get_device_properties(0).L2_cache_size
         copies = min(64, max(1, math.ceil(4 * l2 / self.kv_bytes)))
         self.sets = []
         for _ in range(copies):
-            k_cache, v_cache, block_tables = make_paged_kv(batch, context, gen)
+            k_cache, v_cache, block_tables = make_paged_kv(batch, context, gen, kv_dtype)
             q = torch.randn(batch, NUM_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
             self.sets.append((q, k_cache, v_cache, block_tables, torch.empty_like(q)))
         self.seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
@@ -128,14 +129,16 @@ class DecodeCase:
                                                      out=s[4]) for s in self.sets]
         ms = graph_ms(fns)
         eager_ms = bench_ms(fns[0], quick=True)
+        block_n = pa.decode_config(HEAD_DIM, DTYPE, self.seq_lens.device, self.kv_dtype)[0]
         splits = pa.decode_num_splits(self.batch, NUM_KV_HEADS, self.sets[0][3].shape[1] * BLOCK_SIZE,
-                                      self.seq_lens.device, pa.decode_config(HEAD_DIM, DTYPE, self.seq_lens.device)[0])
+                                      self.seq_lens.device, block_n)
         gbps = self.bytes / (ms * 1e-3) / GB
-        return dict(batch=self.batch, context=self.context, num_splits=splits, ms=ms, eager_ms=eager_ms,
-                    gbps=gbps, hbm_fraction=gbps / copy_gbps)
+        return dict(batch=self.batch, context=self.context, kv_dtype=str(self.kv_dtype).replace("torch.", ""),
+                    num_splits=splits, ms=ms, eager_ms=eager_ms, gbps=gbps, hbm_fraction=gbps / copy_gbps)
 
 
-def bench_decode(batches: list[int], contexts: list[int], copy_gbps: float) -> list[dict[str, Any]]:
+def bench_decode(batches: list[int], contexts: list[int], copy_gbps: float,
+                 kv_dtype: torch.dtype = DTYPE) -> list[dict[str, Any]]:
     gen = torch.Generator().manual_seed(0)
     rows = []
     for context in contexts:
@@ -143,7 +146,7 @@ def bench_decode(batches: list[int], contexts: list[int], copy_gbps: float) -> l
             if not DecodeCase.fits(batch, context):
                 rows.append(dict(batch=batch, context=context, skipped="does not fit in GPU memory"))
                 continue
-            case = DecodeCase(batch, context, gen)
+            case = DecodeCase(batch, context, gen, kv_dtype)
             rows.append(case.run(copy_gbps))
             del case
             torch.cuda.empty_cache()
@@ -252,10 +255,40 @@ def tune(copy_gbps: float) -> dict[str, Any]:
     return results
 
 
+def tune_fp8(copy_gbps: float) -> dict[str, Any]:
+    """Sweep the decode kernel's launch config over an fp8 (e4m3) cache at the engine's large-batch
+    shapes (a tile of fp8 holds half the bytes of a bf16 one, so the bf16 config need not carry over)."""
+    results: dict[str, Any] = {"decode_shapes": [[64, 4096], [224, 1536], [448, 1536]], "decode": []}
+    gen = torch.Generator().manual_seed(3)
+    cases = [DecodeCase(b, c, gen, pa.FP8_KV_DTYPE) for b, c in results["decode_shapes"]]
+    orig = pa.DECODE_CONFIG_FP8, pa.DECODE_PROGRAMS_PER_SM
+    try:
+        for block_n in (64, 128, 256):
+            for warps in (2, 4, 8):
+                for stages in (2, 3, 4):
+                    for per_sm in (4, 8):
+                        pa.DECODE_CONFIG_FP8, pa.DECODE_PROGRAMS_PER_SM = (block_n, warps, stages), per_sm
+                        cfg = [block_n, warps, stages, per_sm]
+                        try:
+                            fr = [case.run(copy_gbps)["hbm_fraction"] for case in cases]
+                        except Exception as e:
+                            results["decode"].append(dict(config=cfg, error=repr(e)[:200]))
+                            continue
+                        results["decode"].append(dict(config=cfg, fractions=fr))
+    finally:
+        pa.DECODE_CONFIG_FP8, pa.DECODE_PROGRAMS_PER_SM = orig
+    ok = [r for r in results["decode"] if "fractions" in r]
+    results["best_decode"] = max(ok, key=lambda r: min(r["fractions"]), default=None)
+    return results
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer configs and repetitions")
     parser.add_argument("--tune", action="store_true", help="also sweep attention launch configs")
+    parser.add_argument("--kv-dtype", choices=["auto", "fp8"], default="auto",
+                        help="fp8: also time decode attention over an fp8 (e4m3) cache (decode_fp8 rows)")
+    parser.add_argument("--tune-fp8", action="store_true", help="sweep the decode config over an fp8 cache")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/<slug>/)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -270,6 +303,11 @@ def main(argv: list[str] | None = None) -> None:
     prefill = bench_prefill(4, 2048, args.quick)
     elementwise = bench_elementwise(copy_gbps, args.quick)
     big = [r["hbm_fraction"] for r in decode if "hbm_fraction" in r and r["context"] >= 4096 and r["batch"] >= 16]
+    decode_fp8: list[dict[str, Any]] = []
+    if args.kv_dtype == "fp8":
+        decode_fp8 = bench_decode(batches, contexts, copy_gbps, pa.FP8_KV_DTYPE)
+        decode_fp8 += bench_decode([224, 448], [1536], copy_gbps, pa.FP8_KV_DTYPE)  # the 1000/1000 batches
+    big8 = [r["hbm_fraction"] for r in decode_fp8 if "hbm_fraction" in r and r["context"] >= 1536 and r["batch"] >= 16]
 
     metrics = {
         "hbm_copy_gbps": copy_gbps,
@@ -281,18 +319,25 @@ def main(argv: list[str] | None = None) -> None:
         "prefill_attention_gemm_fraction": prefill["tflops"] / gemm_tflops,
         **{f"{k}_hbm_fraction": v["hbm_fraction"] for k, v in elementwise.items()},
     }
+    if big8:  # bytes of the fp8 cache read per second, against the same copy rate
+        metrics["decode_attention_fp8_hbm_fraction"] = max(big8)
+        metrics["decode_attention_fp8_hbm_fraction_min"] = min(big8)
     details: dict[str, Any] = {"decode": decode, "prefill": prefill, "elementwise": elementwise,
                                "shapes": dict(num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
                                               block_size=BLOCK_SIZE, dtype=str(DTYPE)),
                                "versions": dict(torch=torch.__version__, triton=__import__("triton").__version__)}
+    if decode_fp8:
+        details["decode_fp8"] = decode_fp8
     if args.tune:
         details["tune"] = tune(copy_gbps)
+    if args.tune_fp8:
+        details["tune_fp8"] = tune_fp8(copy_gbps)
     out = args.out or Path("benchmarks") / "results" / device_slug(name) / "kernels.json"
     write_result(str(out), metrics, details)
 
     print(f"\n{name}  copy {copy_gbps:.0f} GB/s  bf16 GEMM {gemm_tflops:.0f} TFLOP/s")
     print(f"{'decode batch':>12} {'context':>8} {'splits':>6} {'us':>9} {'eager us':>9} {'GB/s':>7} {'frac':>6}")
-    for r in decode:
+    for r in decode + decode_fp8:
         if "skipped" in r:
             print(f"{r['batch']:>12} {r['context']:>8}  skipped: {r['skipped']}")
         else:

@@ -347,10 +347,18 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 _SM_COUNT: dict[int, int] = {}
 
 
-def decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int]:
+# (BLOCK_N, num_warps, num_stages) of the decode kernel over an fp8 cache; set from
+# `benchmarks/kernels_gpu.py --tune-fp8` (None: the bf16 config)
+DECODE_CONFIG_FP8: tuple[int, int, int] | None = None
+
+
+def decode_config(head_dim: int, dtype: torch.dtype, device: torch.device,
+                  kv_dtype: torch.dtype | None = None) -> tuple[int, int, int]:
     """(BLOCK_N, num_warps, num_stages) of the decode kernel; benchmarks/kernels_gpu.py --tune sweeps these."""
     if device.type != "cuda":
         return 16, 4, 1  # interpreter: small tiles keep the simulated work low
+    if kv_dtype == FP8_KV_DTYPE and DECODE_CONFIG_FP8 is not None:
+        return DECODE_CONFIG_FP8
     return 64, 2, 3  # H200 sweep: 0.87-1.0 of copy bandwidth at batch 16-64, context 4k-16k
 
 
@@ -409,7 +417,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         return out
     block_d = triton.next_power_of_2(head_dim)
     block_g = max(16, triton.next_power_of_2(group))  # tl.dot needs M >= 16
-    block_n, num_warps, num_stages = decode_config(head_dim, q.dtype, q.device)
+    block_n, num_warps, num_stages = decode_config(head_dim, q.dtype, q.device, k_cache.dtype)
     if num_splits is None:
         num_splits = decode_num_splits(batch, num_kv_heads, block_tables.shape[1] * block_size, q.device, block_n)
     assert num_splits >= 1, num_splits

@@ -44,14 +44,28 @@ def write_kv_cache_op(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v
 
 def attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, query_start_loc: torch.Tensor,
                  seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, max_query_len: int,
-                 is_decode_only: bool, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
-    """q: [T, H, D] -> [T, H, D]. is_decode_only: every sequence has exactly one query token (T == B)."""
+                 is_decode_only: bool, k_scale: float = 1.0, v_scale: float = 1.0, num_decode_rows: int = 0,
+                 tail_query_start_loc: torch.Tensor | None = None) -> torch.Tensor:
+    """q: [T, H, D] -> [T, H, D]. is_decode_only: every sequence has exactly one query token (T == B).
+
+    A mixed batch may say its first `num_decode_rows` rows have one query token each; with Triton they
+    go to the decode kernel (split-K over the context, bandwidth-bound) and only the rest to the
+    prefill kernel, whose query tiles would be nearly empty for them. `tail_query_start_loc` is the
+    rest's query_start_loc, starting at 0 (made on the host, so no device arithmetic or sync here)."""
     if not use_triton(q):
         return paged_attention_ref(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
                                    k_scale, v_scale)
     if is_decode_only:
         return paged_attention_decode(q, k_cache, v_cache, seq_lens, block_tables, scale,
                                       k_scale=k_scale, v_scale=v_scale)
+    nd = num_decode_rows
+    if nd > 0 and tail_query_start_loc is not None and nd < seq_lens.shape[0]:
+        out = torch.empty_like(q)
+        paged_attention_decode(q[:nd], k_cache, v_cache, seq_lens[:nd], block_tables[:nd], scale,
+                               out=out[:nd], k_scale=k_scale, v_scale=v_scale)
+        paged_attention_prefill(q[nd:], k_cache, v_cache, tail_query_start_loc, seq_lens[nd:], block_tables[nd:],
+                                scale, max_query_len, out=out[nd:], k_scale=k_scale, v_scale=v_scale)
+        return out
     return paged_attention_prefill(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
                                    max_query_len, k_scale=k_scale, v_scale=v_scale)
 

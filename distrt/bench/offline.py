@@ -95,9 +95,13 @@ def run_throughput(a: argparse.Namespace) -> int:
     prompts, out_lens = _workload(a, llm.config.model.vocab_size)
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in out_lens]
     llm.generate(prompts[:4], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    steps = _StepLog(llm._executor)
     t0 = time.perf_counter()
-    res = llm.generate(prompts, params, use_tqdm=False)
-    dt = time.perf_counter() - t0
+    try:
+        res = llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        dt = time.perf_counter() - t0
+        steps.detach()
     out_tokens = sum(len(r.outputs[0].token_ids) for r in res)
     in_tokens = sum(len(r.prompt_token_ids) for r in res)
     metrics: dict[str, float] = {"output_tok_s": out_tokens / dt, "total_tok_s": (in_tokens + out_tokens) / dt,
@@ -109,7 +113,8 @@ def run_throughput(a: argparse.Namespace) -> int:
                                "kv_cache_dtype": getattr(a, "kv_cache_dtype", "auto"),
                                "num_kv_blocks": llm.engine.allocator.num_blocks if hasattr(llm.engine, "allocator") else None,
                                "block_size": a.block_size,
-                               "preemptions": getattr(stats, "num_preemptions", None)}
+                               "preemptions": getattr(stats, "num_preemptions", None),
+                               "steps": steps.summary()}
     _report(a, metrics, details, plot=lambda path: _plot_bars(path, metrics))  # distrt's numbers are safe now
     raw_cfg = dict(llm.config.model.hf_config)
     ids = [r.prompt_token_ids for r in res]
@@ -146,6 +151,47 @@ def run_throughput(a: argparse.Namespace) -> int:
         print(f"!! exiting with threads still running: {hb.lingering_threads()}", flush=True)
         os._exit(0)
     return 0
+
+
+class _StepLog:
+    """Where a throughput run's time goes: each step's interval (from the previous step's result to
+    its own, which is the step time with plans queued back to back), split into decode-only steps and
+    steps with prompt tokens, with their average batch. Wraps the executor's submit/wait."""
+
+    def __init__(self, ex: Any) -> None:
+        self.ex, self.submit, self.collect = ex, ex.execute_async, ex.wait
+        self.plans: dict[int, tuple[int, int]] = {}  # step id -> (one-token rows, tokens)
+        self.done: list[tuple[float, int]] = []
+
+        def submit(plan: Any) -> Any:
+            n = plan.num_scheduled_tokens
+            self.plans[plan.step_id] = (sum(1 for v in n.values() if v == 1), sum(n.values()))
+            return self.submit(plan)
+
+        def wait(handle: Any) -> Any:
+            r = self.collect(handle)
+            self.done.append((time.perf_counter(), handle.step_id))
+            return r
+
+        ex.execute_async, ex.wait = submit, wait
+
+    def detach(self) -> None:
+        self.ex.execute_async, self.ex.wait = self.submit, self.collect
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for kind in ("decode_only", "with_prompt_tokens"):
+            rows = []
+            for (t_prev, _), (t, sid) in zip(self.done, self.done[1:]):
+                ones, tokens = self.plans.get(sid, (0, 0))
+                if (ones == tokens) == (kind == "decode_only"):
+                    rows.append((t - t_prev, ones, tokens))
+            if rows:
+                secs = sum(r[0] for r in rows)
+                out[kind] = {"steps": len(rows), "seconds": secs, "ms_per_step": secs / len(rows) * 1e3,
+                             "mean_decode_rows": sum(r[1] for r in rows) / len(rows),
+                             "mean_tokens": sum(r[2] for r in rows) / len(rows)}
+        return out
 
 
 def _generate_batch_baseline(r: dict[str, Any] | None, ours_first: list[list[int]], metrics: dict[str, float],

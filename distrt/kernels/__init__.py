@@ -28,6 +28,10 @@ __all__ = [
 ]
 
 
+# DISTRT_SPLIT_MIXED_DECODE=0 sends mixed batches' decode rows through the prefill kernel (A/B runs)
+_SPLIT_MIXED_DECODE = os.environ.get("DISTRT_SPLIT_MIXED_DECODE", "1") != "0"
+
+
 def use_triton(t: torch.Tensor) -> bool:
     """True when t lives on CUDA and triton imports, or DISTRT_FORCE_TRITON=1 (interpreter tests)."""
     wanted = t.is_cuda or os.environ.get("DISTRT_FORCE_TRITON", "0") == "1"
@@ -59,7 +63,7 @@ def attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         return paged_attention_decode(q, k_cache, v_cache, seq_lens, block_tables, scale,
                                       k_scale=k_scale, v_scale=v_scale)
     nd = num_decode_rows
-    if nd > 0 and tail_query_start_loc is not None and nd < seq_lens.shape[0]:
+    if nd > 0 and tail_query_start_loc is not None and nd < seq_lens.shape[0] and _SPLIT_MIXED_DECODE:
         out = torch.empty_like(q)
         paged_attention_decode(q[:nd], k_cache, v_cache, seq_lens[:nd], block_tables[:nd], scale,
                                out=out[:nd], k_scale=k_scale, v_scale=v_scale)

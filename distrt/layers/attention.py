@@ -24,11 +24,6 @@ class AttentionMetadata:
     max_query_len: int
     max_seq_len: int
     is_decode_only: bool
-    # A mixed batch whose first rows have one query token each (decodes, first by the scheduler's
-    # order): those rows go to the decode kernel, the rest to the prefill kernel with
-    # `tail_query_start_loc` (query_start_loc of rows >= num_decode_rows, starting at 0).
-    num_decode_rows: int = 0
-    tail_query_start_loc: torch.Tensor | None = None
 
 
 class Attention(nn.Module):
@@ -47,6 +42,5 @@ class Attention(nn.Module):
         k_cache, v_cache = kv_cache
         write_kv_cache_op(k, v, k_cache, v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
         out = attention_op(q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-                           self.scale, meta.max_query_len, meta.is_decode_only, self.k_scale, self.v_scale,
-                           meta.num_decode_rows, meta.tail_query_start_loc)
+                           self.scale, meta.max_query_len, meta.is_decode_only, self.k_scale, self.v_scale)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)  # [T, H*D]

@@ -200,15 +200,11 @@ class ModelRunner:
                                    f"{states[i].num_pending} placeholders")
             fill_pos = qsl[fi + 1] - 1
             fill_src = np.fromiter(fills.values(), dtype=np.int64, count=len(fills))
-        # a mixed batch's leading one-token rows (decodes) take the decode kernel (kernels.attention_op)
-        nd = 0 if decode_only else int(np.argmax(cnt != 1))
-        tail_qsl = (qsl[nd:] - nd).astype(np.int32) if nd else np.zeros(0, dtype=np.int32)
-        # two host buffers, two copies: [ids | positions | slots | sample_idx | fills] and
-        # [qsl | seq_lens | tables | tail qsl]
+        # two host buffers, two copies: [ids | positions | slots | sample_idx | fills] and [qsl | seq_lens | tables]
         h64 = torch.from_numpy(np.concatenate([np.asarray(ids, dtype=np.int64), pos, slots, sample_idx,
                                                fill_pos, fill_src]))
         h32 = torch.from_numpy(np.concatenate([qsl.astype(np.int32), end.astype(np.int32),
-                                               self.block_rows.gather(row, max_blocks).reshape(-1), tail_qsl]))
+                                               self.block_rows.gather(row, max_blocks).reshape(-1)]))
         if self.device.type == "cuda":
             d64 = h64.pin_memory().to(self.device, non_blocking=True)
             d32 = h32.pin_memory().to(self.device, non_blocking=True)
@@ -218,12 +214,10 @@ class ModelRunner:
             slot_mapping=d64[2 * t: 3 * t],
             query_start_loc=d32[: nb + 1],
             seq_lens=d32[nb + 1: 2 * nb + 1],
-            block_tables=d32[2 * nb + 1: 2 * nb + 1 + nb * max_blocks].view(nb, max_blocks),  # [B, max_blocks]
+            block_tables=d32[2 * nb + 1:].view(nb, max_blocks),  # [B, max_blocks]
             max_query_len=int(cnt.max()),
             max_seq_len=int(end.max()),
             is_decode_only=decode_only,
-            num_decode_rows=nd,
-            tail_query_start_loc=d32[2 * nb + 1 + nb * max_blocks:] if nd else None,
         )
         input_ids = d64[:t]
         ns = len(sample_idx)

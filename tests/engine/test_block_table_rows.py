@@ -59,8 +59,6 @@ def test_prepare_matches_per_request_formulas() -> None:
     assert inp.meta.block_tables.tolist() == tables
     assert inp.sample_rows == sample_rows and inp.sample_token_idx.tolist() == sample_idx
     assert inp.meta.max_query_len == 6 and inp.meta.max_seq_len == 10 and not inp.meta.is_decode_only
-    # one leading decode row for the decode kernel; the rest's query_start_loc rebased to 0
-    assert inp.meta.num_decode_rows == 1 and inp.meta.tail_query_start_loc.tolist() == [0, 5, 11, 12]
     # decode-only batch, with one input deferred to the previous step's samples (row 1 of prev)
     states[3].token_ids.append(-1)
     states[3].num_pending = 1

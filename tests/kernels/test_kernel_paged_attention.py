@@ -129,26 +129,6 @@ def test_attention_op_dispatch(is_decode_only: bool, force_triton: None) -> None
     torch.testing.assert_close(out, paged_attention_ref(**batch, scale=0.125), **tol(torch.float32))
 
 
-@needs_triton
-@pytest.mark.parametrize("dtype", CPU_DTYPES)
-def test_attention_op_splits_leading_decodes(dtype: torch.dtype, force_triton: None,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """A mixed batch whose first rows are decodes: those go to the decode kernel, the rest (a
-    prefill chunk on a cached prefix, a whole prompt, a 1-token chunk) to the prefill kernel with the
-    rebased query_start_loc; together they equal the reference over the whole batch."""
-    q_lens, seq_lens = [1, 1, 1, 5, 7, 1], [9, 20, 3, 12, 7, 6]
-    batch = make_batch(q_lens, seq_lens, 8, 2, 64, block_size=4, dtype=dtype, device=DEVICE)
-    import distrt.kernels as kernels
-
-    monkeypatch.setattr(kernels, "_force_split", True)  # on GPU: DISTRT_SPLIT_MIXED_DECODE=1
-    nd = 3
-    qsl = batch["query_start_loc"]
-    tail = (qsl[nd:] - nd).to(torch.int32)
-    out = attention_op(**batch, scale=0.125, max_query_len=max(q_lens), is_decode_only=False,
-                       num_decode_rows=nd, tail_query_start_loc=tail)
-    torch.testing.assert_close(out, paged_attention_ref(**batch, scale=0.125), **tol(dtype))
-
-
 def test_chunked_prefill_equals_whole_prefill() -> None:
     """Attention of a prompt computed in two chunks (second chunk sees the first through the cache)
     equals the rows of a single full prefill."""

@@ -96,11 +96,16 @@ def should_use(nbytes: int, world: int, max_bytes: int = DEFAULT_MAX_BYTES) -> b
     return nbytes <= min(max_bytes, _ONE_SHOT_LIMIT.get(world, _ONE_SHOT_LIMIT_LARGE_WORLD))
 
 
+MAX_BYTES_CAP = 32 << 20  # per message; the IPC area is 2 slots x world of it (128 MB per GPU at 2 ranks)
+
+
 def default_max_bytes(world: int, hidden_size: int = 8192, max_tokens: int = 2048) -> int:
     """The buffer a TP group's one-shot all-reduce needs: 2 ranks take every size (a prefill step's
-    max_tokens x hidden bf16 activations), more ranks only small (decode) messages."""
+    max_tokens x hidden bf16 activations) up to MAX_BYTES_CAP, where the step's GEMMs dwarf the
+    all-reduce and NCCL may take it; more ranks only small (decode) messages."""
     if world == 2:
-        return max(DEFAULT_MAX_BYTES, -(-hidden_size * max_tokens * 2 // CHUNK_BYTES) * CHUNK_BYTES)
+        need = -(-hidden_size * max_tokens * 2 // CHUNK_BYTES) * CHUNK_BYTES
+        return min(max(DEFAULT_MAX_BYTES, need), MAX_BYTES_CAP)
     return DEFAULT_MAX_BYTES
 
 

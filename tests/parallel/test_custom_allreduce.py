@@ -44,6 +44,7 @@ def test_chunking() -> None:
     assert car.launch_grid(8 << 10, 4096, programs=132) == 2
     assert car.default_max_bytes(2, 4096, 2048) == 16 << 20  # a 2048-token bf16 prefill step of an 8B model
     assert car.default_max_bytes(4, 4096, 2048) == car.DEFAULT_MAX_BYTES
+    assert car.default_max_bytes(2, 8192, 16384) == car.MAX_BYTES_CAP  # 256 MB prefill steps: capped
     assert [car.num_warps_for(c) for c in (512, 2048, 4096, 16384)] == [1, 4, 8, 8]
 
 
@@ -285,22 +286,25 @@ def _check_eager(comm, ar, rank: int, world: int) -> None:  # type: ignore[no-un
     ar.check()
 
 
-def _check_graph(comm, ar, rank: int, world: int) -> None:  # type: ignore[no-untyped-def]
+def _check_graph(comm, ar, rank: int, world: int,  # type: ignore[no-untyped-def]
+                 specs: list[tuple[torch.dtype, int]] | None = None, steps: int = 25, base: int = 1000) -> None:
+    """(dtype, numel) calls captured in one graph, replayed with fresh inputs; every 5th replay is
+    followed by an eager call, which shifts the parity of some programs."""
     dev = comm.device
-    specs = [(torch.bfloat16, 4096), (torch.float32, 2048), (torch.bfloat16, 64 << 9)]  # 3 calls: odd
+    specs = specs or [(torch.bfloat16, 4096), (torch.float32, 2048), (torch.bfloat16, 64 << 9)]  # 3 calls: odd
     bufs = [torch.zeros(n, dtype=d, device=dev) for d, n in specs]
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         outs = [ar.all_reduce(b) for b in bufs]
-    for step in range(25):
+    for step in range(steps):
         for i, b in enumerate(bufs):
-            b.copy_(_input(rank, b.numel(), b.dtype, 1000 + 10 * step + i))
+            b.copy_(_input(rank, b.numel(), b.dtype, base + 10 * step + i))
         graph.replay()
-        if step % 5 == 4:  # eager calls between replays shift the parity of some programs
+        if step % 5 == 4:
             ar.all_reduce(torch.ones(8 << 10, dtype=torch.bfloat16, device=dev))
         torch.cuda.synchronize()
         for i, (b, o) in enumerate(zip(bufs, outs, strict=True)):
-            assert torch.equal(o.cpu(), _want(world, b.numel(), b.dtype, 1000 + 10 * step + i)), f"replay {step} #{i}"
+            assert torch.equal(o.cpu(), _want(world, b.numel(), b.dtype, base + 10 * step + i)), f"replay {step} #{i}"
             both = comm.all_gather(o.unsqueeze(0))
             assert torch.equal(both[0], both[1]), f"replay {step} #{i}: ranks differ"
     ar.check()
@@ -320,19 +324,8 @@ def _check_large(comm, ar, rank: int, world: int) -> None:  # type: ignore[no-un
         got = ar.all_reduce(_input(rank, numel, dtype, 500 + seed).to(dev))
         torch.cuda.synchronize()
         assert torch.equal(got.cpu(), _want(world, numel, dtype, 500 + seed)), f"{dtype} {nbytes} B"
-    bufs = [torch.zeros(n // 2, dtype=torch.bfloat16, device=dev) for n in (4 << 20, 8 << 10, 16 << 20)]
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = [ar.all_reduce(b) for b in bufs]
-    for step in range(6):
-        for i, b in enumerate(bufs):
-            b.copy_(_input(rank, b.numel(), b.dtype, 2000 + 10 * step + i))
-        graph.replay()
-        torch.cuda.synchronize()
-        for i, (b, o) in enumerate(zip(bufs, outs, strict=True)):
-            assert torch.equal(o.cpu(), _want(world, b.numel(), b.dtype, 2000 + 10 * step + i)), f"replay {step} #{i}"
-    ar.check()
-    del graph
+    # 4 MB, 8 KB, 16 MB of bf16 in one graph
+    _check_graph(comm, ar, rank, world, [(torch.bfloat16, n // 2) for n in (4 << 20, 8 << 10, 16 << 20)], 6, 2000)
 
 
 def _gpu_rank(rank: int, world: int, init: str) -> None:

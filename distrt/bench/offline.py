@@ -220,13 +220,17 @@ def run_latency(a: argparse.Namespace) -> int:
     a.max_num_seqs = max(a.max_num_seqs, max(sizes))
     llm = _llm(a, a.input_len + a.output_len + 8)
     vocab = llm.config.model.vocab_size
+    engine_budget = llm.config.scheduler.max_num_batched_tokens
     ex = llm._executor
     submit, collect = ex.execute_async, ex.wait
     decode_only: dict[int, bool] = {}
     done_at: list[tuple[float, int]] = []
 
     def timed_submit(plan: Any) -> Any:
-        decode_only[plan.step_id] = bool(plan.num_scheduled_tokens) and max(plan.num_scheduled_tokens.values()) == 1
+        # a step of the batch being measured: every one of its sequences decodes one token (with long
+        # prompts the first sequences can finish while later ones are still in prefill: not counted)
+        n = plan.num_scheduled_tokens
+        decode_only[plan.step_id] = len(n) == current_bs[0] and max(n.values()) == 1
         return submit(plan)
 
     def timed_wait(handle: Any) -> Any:
@@ -235,7 +239,9 @@ def run_latency(a: argparse.Namespace) -> int:
         return r
 
     rows = []
+    current_bs = [0]
     for bs in sizes:
+        current_bs[0] = bs
         prompts = [{"prompt_token_ids": [(i * 31 + j) % (vocab - 10) + 5 for j in range(a.input_len)]} for i in range(bs)]
         llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True), use_tqdm=False)
         decode_only.clear()
@@ -249,7 +255,10 @@ def run_latency(a: argparse.Namespace) -> int:
             ex.execute_async, ex.wait = submit, collect
         steps = sorted(t1 - t0_ for (t0_, _), (t1, sid) in zip(done_at, done_at[1:]) if decode_only.get(sid))
         if not steps:
-            raise RuntimeError(f"batch {bs}: no decode-only step was observed (output_len {a.output_len} too short?)")
+            chunks = -(-bs * a.input_len // engine_budget)
+            raise RuntimeError(f"batch {bs}: no step decoded all {bs} sequences at once: the first ones finish their "
+                               f"{a.output_len} tokens while the last prompts are still in prefill (about {chunks} "
+                               f"steps of {engine_budget} prompt tokens); raise --output-len well above {chunks}")
         rows.append({"batch": bs, "step_ms_p50": 1e3 * statistics.median(steps),
                      "step_ms_p99": 1e3 * steps[min(len(steps) - 1, int(0.99 * len(steps)))],
                      "decode_steps": len(steps), "e2e_s": e2e, "output_tok_s": bs * a.output_len / e2e})

@@ -32,6 +32,30 @@ def test_bench_latency_rows(tmp_path: os.PathLike) -> None:
     assert all(r["step_ms_p99"] >= r["step_ms_p50"] > 0 for r in rows)
 
 
+def test_bench_latency_counts_only_full_batch_decode_steps() -> None:
+    """64 prompts of 400 tokens take 13 prefill steps of 2048 tokens; with 8 new tokens the first
+    sequences are done before the last start decoding, so no step measures batch 64: a clear error,
+    not the step time of a smaller batch."""
+    import pytest
+
+    with pytest.raises(RuntimeError, match="no step decoded all 64 sequences.*raise --output-len"):
+        main(["bench", "latency", "--shape", "llama-tiny", "--device", "cpu", "--dtype", "float32",
+              "--input-len", "400", "--output-len", "8", "--batch-sizes", "64"])
+
+
+def test_bench_throughput_records_where_the_time_goes(tmp_path: os.PathLike) -> None:
+    out = os.path.join(tmp_path, "s.json")
+    assert main(["bench", "throughput", "--shape", "llama-tiny", "--device", "cpu", "--dtype", "float32",
+                 "--input-len", "64", "--output-len", "16", "--num-prompts", "40", "--max-num-seqs", "16",
+                 "--out", out]) == 0
+    steps = json.load(open(out))["details"]["steps"]
+    dec, pre = steps["decode_only"], steps["with_prompt_tokens"]
+    assert dec["mean_decode_rows"] == dec["mean_tokens"] and pre["mean_tokens"] > pre["mean_decode_rows"]
+    # 640 output tokens, at most 16 per step (the first step has no interval before it, so it is not
+    # counted); 40 prompts at 16 at a time are admitted in at least 3 steps with prompt tokens
+    assert dec["steps"] + pre["steps"] >= 640 // 16 - 1 and pre["steps"] >= 2 and dec["seconds"] > 0
+
+
 def test_bench_throughput_generate_batch_baseline_on_a_subset(tmp_path: os.PathLike) -> None:
     """transformers' continuous batching on the first 2 prompts, on distrt's weights: its greedy first
     tokens are distrt's (fp32), and the subset and cap are recorded."""

@@ -14,20 +14,12 @@
 set -u
 SECONDS=0  # the budget counts from here
 cd "$(dirname "$0")/.."
-export PYTHONPATH=$(pwd)${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # NVLink multicast stays off
-OUT=${OUT:-/tmp/gpu_x2_out}
-budget=${SUITE_BUDGET_S:-470}
+source benchmarks/suite_common.sh
+suite_init gpu_x2 470
 steps=${STEPS:-moe_tests moe_bench ray gpu_tp gpu_tests}
-logs=$(mktemp -d /tmp/gpu_x2_logs.XXXX)
-mkdir -p "$OUT/results"
 slug=$(timeout 60 python3 -c "import torch; from distrt.bench.kernels import device_slug; print(device_slug(torch.cuda.get_device_name(0)))" 2>/dev/null || echo h200)
 res=${RESULTS_DIR:-benchmarks/results/${slug}x2}
 mkdir -p "$res"
-summary=$OUT/summary.txt
-: > "$summary"
-
-note() { echo "$*" | tee -a "$summary"; }
 pack() {  # what has come so far, in $OUT (also if a later step is cut off by the call's limit)
     for f in moe.json ray_two_node.json tp.json gpu_tests.log moe_tests.log; do
         [[ -f $res/$f && $res/$f -nt $logs/.start ]] && cp "$res/$f" "$OUT/results/"

@@ -29,15 +29,8 @@
 set -u
 SECONDS=0  # the budget counts from here
 cd "$(dirname "$0")/.."
-export PYTHONPATH=$(pwd)${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # NVLink multicast stays off
-OUT=${OUT:-/tmp/gpu_x4_out}
-budget=${SUITE_BUDGET_S:-500}
-logs=$(mktemp -d /tmp/gpu_x4_logs.XXXX)
-mkdir -p "$OUT/results"
-summary=$OUT/summary.txt
-: > "$summary"
-note() { echo "$*" | tee -a "$summary"; }
+source benchmarks/suite_common.sh
+suite_init gpu_x4 500
 
 if [[ ${SUITE_DEVICE:-cuda} == cpu ]]; then
     found=${GPUS:-4}

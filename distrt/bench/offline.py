@@ -256,7 +256,7 @@ def run_latency(a: argparse.Namespace) -> int:
         steps = sorted(t1 - t0_ for (t0_, _), (t1, sid) in zip(done_at, done_at[1:]) if decode_only.get(sid))
         if not steps:
             chunks = -(-bs * a.input_len // engine_budget)
-            raise RuntimeError(f"batch {bs}: no step decoded all {bs} sequences at once: the first ones finish their "
+            raise ValueError(f"batch {bs}: no step decoded all {bs} sequences at once: the first ones finish their "
                                f"{a.output_len} tokens while the last prompts are still in prefill (about {chunks} "
                                f"steps of {engine_budget} prompt tokens); raise --output-len well above {chunks}")
         rows.append({"batch": bs, "step_ms_p50": 1e3 * statistics.median(steps),

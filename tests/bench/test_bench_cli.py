@@ -32,15 +32,14 @@ def test_bench_latency_rows(tmp_path: os.PathLike) -> None:
     assert all(r["step_ms_p99"] >= r["step_ms_p50"] > 0 for r in rows)
 
 
-def test_bench_latency_counts_only_full_batch_decode_steps() -> None:
+def test_bench_latency_counts_only_full_batch_decode_steps(capsys) -> None:  # type: ignore[no-untyped-def]
     """64 prompts of 400 tokens take 13 prefill steps of 2048 tokens; with 8 new tokens the first
-    sequences are done before the last start decoding, so no step measures batch 64: a clear error,
-    not the step time of a smaller batch."""
-    import pytest
-
-    with pytest.raises(RuntimeError, match="no step decoded all 64 sequences.*raise --output-len"):
-        main(["bench", "latency", "--shape", "llama-tiny", "--device", "cpu", "--dtype", "float32",
-              "--input-len", "400", "--output-len", "8", "--batch-sizes", "64"])
+    sequences are done before the last start decoding, so no step measures batch 64: a clear error
+    (exit code 2), not the step time of a smaller batch."""
+    rc = main(["bench", "latency", "--shape", "llama-tiny", "--device", "cpu", "--dtype", "float32",
+               "--input-len", "400", "--output-len", "8", "--batch-sizes", "64"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no step decoded all 64 sequences" in err and "raise --output-len" in err
 
 
 def test_bench_throughput_records_where_the_time_goes(tmp_path: os.PathLike) -> None:

@@ -255,10 +255,11 @@ def run_latency(a: argparse.Namespace) -> int:
             ex.execute_async, ex.wait = submit, collect
         steps = sorted(t1 - t0_ for (t0_, _), (t1, sid) in zip(done_at, done_at[1:]) if decode_only.get(sid))
         if not steps:
+            _release(llm)  # the workers go down with the error
             chunks = -(-bs * a.input_len // engine_budget)
             raise ValueError(f"batch {bs}: no step decoded all {bs} sequences at once: the first ones finish their "
-                               f"{a.output_len} tokens while the last prompts are still in prefill (about {chunks} "
-                               f"steps of {engine_budget} prompt tokens); raise --output-len well above {chunks}")
+                             f"{a.output_len} tokens while the last prompts are still in prefill (about {chunks} "
+                             f"steps of {engine_budget} prompt tokens); raise --output-len well above {chunks}")
         rows.append({"batch": bs, "step_ms_p50": 1e3 * statistics.median(steps),
                      "step_ms_p99": 1e3 * steps[min(len(steps) - 1, int(0.99 * len(steps)))],
                      "decode_steps": len(steps), "e2e_s": e2e, "output_tok_s": bs * a.output_len / e2e})

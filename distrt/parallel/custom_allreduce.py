@@ -1,9 +1,11 @@
-"""One-shot all-reduce for small messages between the GPUs of one node: CUDA IPC buffers + a Triton kernel.
+"""One-shot all-reduce between the GPUs of one node: CUDA IPC buffers + a Triton kernel.
 
-Tensor-parallel decode all-reduces 8-64 KB twice per layer; NCCL takes ~15 us for that on two
-NVLink-connected H200s. Here every rank maps every peer's buffer (``cudaIpcOpenMemHandle``) and one
-kernel launch does the whole reduction: no proxy thread, no protocol negotiation, capturable in a
-CUDA graph. Anything the kernel does not handle goes to the wrapped communicator (NCCL).
+Tensor-parallel decode all-reduces 8-64 KB twice per layer; NCCL takes ~18 us for that on two
+NVLink-connected H200s, this kernel ~4 us, and 18 us against NCCL's 44 for the 4 MB of a
+512-sequence step. Every rank maps every peer's buffer (``cudaIpcOpenMemHandle``) and one kernel
+launch does the whole reduction: no proxy thread, no protocol negotiation, capturable in a CUDA
+graph. With 2 ranks it takes any size the buffer holds; with more, decode-sized messages (a one-shot
+then moves more than a ring). Anything the kernel does not handle goes to the wrapped communicator.
 
 Each rank owns one IPC allocation; data for source rank ``s`` sits at ``[slot][s]``::
 

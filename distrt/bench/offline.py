@@ -178,14 +178,14 @@ class _StepLog:
     def detach(self) -> None:
         self.ex.execute_async, self.ex.wait = self.submit, self.collect
 
+    def intervals(self) -> list[tuple[float, int, int]]:
+        """(seconds since the previous result, one-token rows, tokens) of every step but the first."""
+        return [(t - t_prev, *self.plans.get(sid, (0, 0))) for (t_prev, _), (t, sid) in zip(self.done, self.done[1:])]
+
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for kind in ("decode_only", "with_prompt_tokens"):
-            rows = []
-            for (t_prev, _), (t, sid) in zip(self.done, self.done[1:]):
-                ones, tokens = self.plans.get(sid, (0, 0))
-                if (ones == tokens) == (kind == "decode_only"):
-                    rows.append((t - t_prev, ones, tokens))
+            rows = [r for r in self.intervals() if (r[1] == r[2]) == (kind == "decode_only")]
             if rows:
                 secs = sum(r[0] for r in rows)
                 out[kind] = {"steps": len(rows), "seconds": secs, "ms_per_step": secs / len(rows) * 1e3,
@@ -221,39 +221,20 @@ def run_latency(a: argparse.Namespace) -> int:
     llm = _llm(a, a.input_len + a.output_len + 8)
     vocab = llm.config.model.vocab_size
     engine_budget = llm.config.scheduler.max_num_batched_tokens
-    ex = llm._executor
-    submit, collect = ex.execute_async, ex.wait
-    decode_only: dict[int, bool] = {}
-    done_at: list[tuple[float, int]] = []
-
-    def timed_submit(plan: Any) -> Any:
-        # a step of the batch being measured: every one of its sequences decodes one token (with long
-        # prompts the first sequences can finish while later ones are still in prefill: not counted)
-        n = plan.num_scheduled_tokens
-        decode_only[plan.step_id] = len(n) == current_bs[0] and max(n.values()) == 1
-        return submit(plan)
-
-    def timed_wait(handle: Any) -> Any:
-        r = collect(handle)
-        done_at.append((time.perf_counter(), handle.step_id))
-        return r
-
     rows = []
-    current_bs = [0]
     for bs in sizes:
-        current_bs[0] = bs
         prompts = [{"prompt_token_ids": [(i * 31 + j) % (vocab - 10) + 5 for j in range(a.input_len)]} for i in range(bs)]
         llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True), use_tqdm=False)
-        decode_only.clear()
-        done_at.clear()
-        ex.execute_async, ex.wait = timed_submit, timed_wait
+        log = _StepLog(llm._executor)
         t0 = time.perf_counter()
         try:
             llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=a.output_len, ignore_eos=True), use_tqdm=False)
         finally:
             e2e = time.perf_counter() - t0
-            ex.execute_async, ex.wait = submit, collect
-        steps = sorted(t1 - t0_ for (t0_, _), (t1, sid) in zip(done_at, done_at[1:]) if decode_only.get(sid))
+            log.detach()
+        # steps of the batch being measured: every one of its bs sequences decodes one token (with long
+        # prompts the first sequences can finish while later ones are still in prefill: not counted)
+        steps = sorted(dt for dt, ones, tokens in log.intervals() if ones == tokens == bs)
         if not steps:
             _release(llm)  # the workers go down with the error
             chunks = -(-bs * a.input_len // engine_budget)

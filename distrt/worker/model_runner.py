@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from distrt.config import EngineConfig
+from distrt.kernels.kv_cache import FP8_KV_DTYPE
 from distrt.layers.attention import AttentionMetadata
 from distrt.layers.sampler import DeviceSample, Sampler, SamplerOutput, SamplerRow
 from distrt.models.model_loader import build_model
@@ -28,7 +29,7 @@ from distrt.worker.request_state import RequestState
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_KV_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}  # "auto": the model dtype
+_KV_DTYPES = {"fp8": FP8_KV_DTYPE, "fp8_e4m3": FP8_KV_DTYPE}  # "auto": the model dtype
 _EMPTY = np.zeros(0, dtype=np.int64)
 
 
@@ -112,7 +113,7 @@ class ModelRunner:
         return max(0, free - peak)
 
     def init_kv_cache(self, num_blocks: int) -> None:
-        if (self.kv_dtype == torch.float8_e4m3fn and self.device.type == "cuda"
+        if (self.kv_dtype == FP8_KV_DTYPE and self.device.type == "cuda"
                 and torch.cuda.get_device_capability(self.device) < (8, 9)):
             raise ValueError("kv_cache_dtype='fp8' needs a GPU of compute capability >= 8.9 (Ada, Hopper): "
                              "Triton has no float8 e4m3 conversions before it")
@@ -193,12 +194,11 @@ class ModelRunner:
         sample_idx = qsl[1:][sampled] - 1
         fill_pos = fill_src = _EMPTY
         if fills:
-            fi = np.fromiter(fills.keys(), dtype=np.int64, count=len(fills))
-            if (cnt[fi] != 1).any() or any(states[i].num_pending != 1 for i in fills):
-                i = next(i for i in fills if num_tokens[i] != 1 or states[i].num_pending != 1)
-                raise RuntimeError(f"deferred input of {states[i].req_id}: {num_tokens[i]} tokens scheduled, "
-                                   f"{states[i].num_pending} placeholders")
-            fill_pos = qsl[fi + 1] - 1
+            for i in fills:
+                if num_tokens[i] != 1 or states[i].num_pending != 1:
+                    raise RuntimeError(f"deferred input of {states[i].req_id}: {num_tokens[i]} tokens scheduled, "
+                                       f"{states[i].num_pending} placeholders")
+            fill_pos = qsl[np.fromiter(fills.keys(), dtype=np.int64, count=len(fills)) + 1] - 1
             fill_src = np.fromiter(fills.values(), dtype=np.int64, count=len(fills))
         # two host buffers, two copies: [ids | positions | slots | sample_idx | fills] and [qsl | seq_lens | tables]
         h64 = torch.from_numpy(np.concatenate([np.asarray(ids, dtype=np.int64), pos, slots, sample_idx,

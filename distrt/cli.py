@@ -32,6 +32,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
                    help="build each step only after the previous one's tokens are back (pp == 1)")
+    g.add_argument("--admission", default="greedy", choices=["greedy", "lookahead"],
+                   help="greedy: admit when the prompt fits now, preempt when the KV pool runs out; lookahead: "
+                        "admit only when the pool's projected peak fits, paced so equal requests age apart "
+                        "(for requests with max_tokens set: offline batches, benchmarks)")
 
 
 def engine_kwargs(a: argparse.Namespace) -> dict:
@@ -40,7 +44,7 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
                 pipeline_parallel_size=a.pp, expert_parallel_size=a.ep, executor=a.executor, seed=a.seed,
                 async_scheduling=getattr(a, "async_scheduling", True),
                 pipeline_micro_batches=getattr(a, "pipeline_micro_batches", None),
-                kv_cache_dtype=getattr(a, "kv_cache_dtype", "auto"))
+                kv_cache_dtype=getattr(a, "kv_cache_dtype", "auto"), admission=getattr(a, "admission", "greedy"))
 
 
 def _generate_parser(sub: argparse._SubParsersAction) -> None:

@@ -173,6 +173,9 @@ class ParallelConfig:
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
+ADMISSION_POLICIES = ("greedy", "lookahead")
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_model_len: int
@@ -182,8 +185,13 @@ class SchedulerConfig:
     # pp == 1: keep a second plan in flight whose decodes take their input token from the previous
     # step's sample on the device, so scheduling and input preparation overlap the GPU's work
     async_scheduling: bool = True
+    # "greedy": admit when the next prompt chunk fits now, preempt (recompute) when the pool runs out;
+    # "lookahead": admit only when the projected peak of the running requests fits (engine/admission.py)
+    admission: str = "greedy"
 
     def __post_init__(self) -> None:
+        if self.admission not in ADMISSION_POLICIES:
+            raise ValueError(f"admission must be one of {', '.join(ADMISSION_POLICIES)}, got {self.admission!r}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:

@@ -78,6 +78,7 @@ class LLM:
         kv_cache_dtype: str = "auto",
         enable_chunked_prefill: bool = True,
         async_scheduling: bool = True,
+        admission: str = "greedy",
         seed: int = 0,
         device: str = "auto",
         tensor_parallel_size: int = 1,
@@ -122,7 +123,8 @@ class LLM:
         parallel.stage_layers(mcfg.num_layers)
         sched = SchedulerConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                                 max_num_batched_tokens=max_num_batched_tokens or (2048 if enable_chunked_prefill else max_model_len),
-                                enable_chunked_prefill=enable_chunked_prefill, async_scheduling=async_scheduling)
+                                enable_chunked_prefill=enable_chunked_prefill, async_scheduling=async_scheduling,
+                                admission=admission)
         self.config = EngineConfig(model=mcfg, cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory,
                                                                  num_kv_blocks=num_kv_blocks, kv_cache_dtype=kv_cache_dtype),
                                    parallel=parallel, scheduler=sched, device=DeviceConfig(dev), seed=seed,

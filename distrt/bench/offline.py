@@ -111,6 +111,7 @@ def run_throughput(a: argparse.Namespace) -> int:
                                "output_len": a.output_len, "seconds": dt, "tp": a.tp, "pp": a.pp,
                                "max_num_seqs": a.max_num_seqs, "kv_cache_memory": a.kv_cache_memory,
                                "kv_cache_dtype": getattr(a, "kv_cache_dtype", "auto"),
+                               "admission": getattr(a, "admission", "greedy"),
                                "num_kv_blocks": llm.engine.allocator.num_blocks if hasattr(llm.engine, "allocator") else None,
                                "block_size": a.block_size,
                                "preemptions": getattr(stats, "num_preemptions", None),

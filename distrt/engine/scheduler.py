@@ -4,7 +4,8 @@ Each step gets a token budget (max_num_batched_tokens). Running requests are ser
 admission order: a decode needs 1 token, an unfinished prefill its next chunk. When the KV pool
 cannot hold a running request's next tokens, the newest running request is preempted (its blocks
 freed, to be recomputed later) until it fits. Waiting requests are admitted with what budget and
-blocks remain (their prompts chunked to fit), unless this step preempted anything.
+blocks remain (their prompts chunked to fit), unless this step preempted anything; with
+`admission="lookahead"` only when the projected peak of the pool fits as well (admission.py).
 
 Pipeline parallelism (`max_in_flight` = pp > 1): up to that many plans (micro-batches) are in
 flight at once. A request in an in-flight plan is skipped until `update` returns its result, is
@@ -38,6 +39,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from distrt.config import SchedulerConfig
+from distrt.engine.admission import LookaheadAdmission
 from distrt.engine.kv_allocator import KVAllocator
 from distrt.engine.request import Request, RequestStatus
 from distrt.messages import (
@@ -83,6 +85,8 @@ class Scheduler:
         self._sent: dict[RequestId, int] = {}  # requests whose state the workers hold -> tokens they hold
         # request -> the in-flight plans it is in, oldest first: (step id, tokens, samples it), until update()
         self._in_flight: dict[RequestId, list[tuple[int, int, bool]]] = {}
+        self._lookahead = (LookaheadAdmission(allocator.num_blocks, allocator.block_size, config.max_num_batched_tokens)
+                           if config.admission == "lookahead" else None)
 
     # -- requests in and out -------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -134,6 +138,8 @@ class Scheduler:
         new_reqs: list[NewRequest] = []
         cached: list[CachedRequest] = []
         preempted = False
+        if self._lookahead is not None:
+            self._lookahead.tick(self.waiting[0] if self.waiting else None)
 
         i = 0
         while i < len(self.running) and budget > 0 and len(num_sched) < cap:
@@ -172,8 +178,12 @@ class Scheduler:
             if remaining > budget and not self.config.enable_chunked_prefill:
                 break
             n = min(remaining, budget)
+            if self._lookahead is not None and not self._lookahead.allows(self.running, req):
+                break
             if self.allocator.allocate(req.request_id, req.num_computed_tokens + n) is None:
                 break
+            if self._lookahead is not None:
+                self._lookahead.took()
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)

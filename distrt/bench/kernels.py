@@ -5,7 +5,8 @@
 Measures the HBM copy bandwidth (device-to-device copy, bytes read + written) and the bf16 GEMM rate
 (8192^3), then: decode attention achieved bandwidth (Llama-3-8B-like: 32 q heads, 8 kv heads,
 head_dim 128, block_size 16) over batch x context, prefill attention against torch SDPA, and the
-bandwidth fractions of RMSNorm, fused add + RMSNorm, RoPE, SiLU-and-mul and the KV-cache write.
+bandwidth fractions of RMSNorm, fused add + RMSNorm, RoPE, SiLU-and-mul, the KV-cache write and
+RoPE fused with the KV-cache write (rotary_write_kv).
 Writes benchmarks/results/<device-slug>/kernels.json and prints a table. --tune also sweeps the
 decode/prefill launch configs and records the best ones under details.tune.
 Decode is timed as CUDA-graph replays (as the engine runs it; inputs rotated past L2), the rest with
@@ -30,6 +31,7 @@ from distrt.kernels.activation import silu_and_mul  # noqa: E402
 from distrt.kernels.kv_cache import write_kv_cache  # noqa: E402
 from distrt.kernels.norm import fused_add_rms_norm, rms_norm  # noqa: E402
 from distrt.kernels.rotary import apply_rotary, build_rope_cache  # noqa: E402
+from distrt.kernels.rotary_kv import rotary_write_kv  # noqa: E402
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -207,6 +209,9 @@ def bench_elementwise(copy_gbps: float, quick: bool) -> dict[str, dict[str, floa
     slots = torch.randperm(k_cache.shape[0] * BLOCK_SIZE, device="cuda")[:tokens]
     kk, vv = k.clone(), k.clone()
     record("write_kv_cache", lambda: write_kv_cache(kk, vv, k_cache, v_cache, slots), 4 * kk.numel() * act)
+    # q read + written in place, k and v read, both written to the cache, one cos_sin row per token
+    record("rotary_write_kv", lambda: rotary_write_kv(q, kk, vv, pos, cos_sin, k_cache, v_cache, slots),
+           2 * q.numel() * act + 4 * kk.numel() * act + tokens * HEAD_DIM * cos_sin.element_size())
     return res
 
 

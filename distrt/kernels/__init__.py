@@ -20,11 +20,12 @@ from distrt.kernels.kv_cache import write_kv_cache, write_kv_cache_ref
 from distrt.kernels.norm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
 from distrt.kernels.paged_attention import paged_attention_decode, paged_attention_prefill, paged_attention_ref
 from distrt.kernels.rotary import apply_rotary, apply_rotary_ref, build_rope_cache
+from distrt.kernels.rotary_kv import rotary_write_kv, rotary_write_kv_ref
 from distrt.kernels.fused_moe import fused_moe_op, fused_moe_ref  # noqa: E402,F401
 
 __all__ = [
     "use_triton", "write_kv_cache_op", "attention_op", "rms_norm_op", "fused_add_rms_norm_op",
-    "apply_rotary_op", "silu_and_mul_op", "build_rope_cache", "fused_moe_op",
+    "apply_rotary_op", "rotary_write_kv_op", "silu_and_mul_op", "build_rope_cache", "fused_moe_op",
 ]
 
 
@@ -82,6 +83,17 @@ def apply_rotary_op(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     if use_triton(q):
         return apply_rotary(q, k, positions, cos_sin)
     return apply_rotary_ref(q, k, positions, cos_sin)
+
+
+def rotary_write_kv_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                       cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+    """apply_rotary_op then write_kv_cache_op (of the rotated k) in one kernel; returns rotated q.
+    The cache gets the rotated k; k and v are left as they are. The Triton path rotates q in place and
+    returns it, the reference returns a copy: callers must use the return value, as with apply_rotary_op."""
+    if use_triton(q):
+        return rotary_write_kv(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    return rotary_write_kv_ref(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 def silu_and_mul_op(x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Paged attention over a ragged batch: writes this step's K/V into the cache, then attends.
+"""Paged attention over a ragged batch: writes this step's K/V into the cache (applying RoPE to q
+and k on the way when given the rotary embedding: one fused kernel), then attends.
 
 Per-layer cache: k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim]; block ids are
 the coordinator's global ids (see engine/kv_allocator.py). The cache is in the model dtype or in
@@ -12,7 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from distrt.kernels import attention_op, write_kv_cache_op
+from distrt.kernels import attention_op, rotary_write_kv_op, write_kv_cache_op
+from distrt.layers.rotary import RotaryEmbedding
 
 
 @dataclass
@@ -34,13 +36,22 @@ class Attention(nn.Module):
         # has no calibrated k_scale/v_scale; a loader could set calibrated ones here. Unused otherwise.
         self.k_scale = self.v_scale = 1.0
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
+                meta: AttentionMetadata, positions: torch.Tensor | None = None,
+                rope: RotaryEmbedding | None = None) -> torch.Tensor:
+        """q, k, v: this step's projections ([T, H*D] or [T, H, D]). With rope (and positions), q and k
+        arrive un-rotated and one kernel rotates them and writes the cache (rotary_write_kv_op: q may be
+        rotated in place, k and v are left as they are); without, they arrive rotated already."""
         q = q.view(-1, self.num_heads, self.head_dim)  # [T, H, D]
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache
-        write_kv_cache_op(k, v, k_cache, v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
+        if rope is None:
+            write_kv_cache_op(k, v, k_cache, v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
+        else:
+            assert positions is not None, "rope needs positions"
+            q = rotary_write_kv_op(q, k, v, positions, rope.cos_sin, k_cache, v_cache, meta.slot_mapping,
+                                   self.k_scale, self.v_scale)
         out = attention_op(q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
                            self.scale, meta.max_query_len, meta.is_decode_only, self.k_scale, self.v_scale)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)  # [T, H*D]

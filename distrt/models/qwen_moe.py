@@ -56,8 +56,8 @@ class QKNormAttention(LlamaAttention):
         d = self.attn.head_dim
         q, _ = self.q_norm(q.reshape(-1, d))  # [T * Hq, D]
         k, _ = self.k_norm(k.reshape(-1, d))  # [T * Hkv, D]
-        q, k = self.rope(positions, q.view(-1, self.attn.num_heads, d), k.view(-1, self.attn.num_kv_heads, d))
-        out = self.o_proj(self.attn(q, k, v, kv_cache, meta))
+        # rope (after the norms) is applied inside attention, fused with the KV-cache write
+        out = self.o_proj(self.attn(q, k, v, kv_cache, meta, positions=positions, rope=self.rope))
         if self.ctx.tp_size > 1:
             out = self.ctx.tp_comm.all_reduce(out)
         return out

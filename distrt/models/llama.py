@@ -34,9 +34,8 @@ class LlamaAttention(nn.Module):
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(x)  # [T, (Hq + 2*Hkv) * D] on this rank
         q, k, v = qkv.split([self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1)
-        d = self.attn.head_dim
-        q, k = self.rope(positions, q.reshape(-1, self.attn.num_heads, d), k.reshape(-1, self.attn.num_kv_heads, d))
-        out = self.o_proj(self.attn(q, k, v, kv_cache, meta))
+        # rope is applied inside attention, fused with the KV-cache write (one kernel for both)
+        out = self.o_proj(self.attn(q, k, v, kv_cache, meta, positions=positions, rope=self.rope))
         if self.ctx.tp_size > 1:
             out = self.ctx.tp_comm.all_reduce(out)
         return out

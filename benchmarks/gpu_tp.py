@@ -160,6 +160,9 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=256, help="the scheduler's batch cap, every layout")
     ap.add_argument("--pp-micro-batches", default="",
                     help="extra pp=2 runs with these micro-batch counts (comma list; the default, pp, always runs)")
+    ap.add_argument("--tp2-env-variants", default="",
+                    help="extra tp=2 runs (first executor) under env settings, e.g. 'unfused:DISTRT_FUSED_AR_NORM=0' "
+                         "(';' between variants, ',' between settings); named tp2_<executor>_<label>")
     ap.add_argument("--all-throughput", action="store_true",
                     help="throughput under every executor (default: the first executor and tp=1 only)")
     a = ap.parse_args()
@@ -177,10 +180,20 @@ def main() -> None:
 
     runs: dict[str, dict[str, float]] = {}
     extra_mb = [int(x) for x in a.pp_micro_batches.split(",") if x.strip()]
-    layouts = ([(1, 1, "local", None)] + [(2, 1, e, None) for e in a.executors.split(",")]
-               + ([] if a.skip_pp else [(1, 2, "mpi", None)] + [(1, 2, "mpi", m) for m in extra_mb]))
-    for tp, pp, ex, mb in layouts:
+    layouts = ([(1, 1, "local", None, "")] + [(2, 1, e, None, "") for e in a.executors.split(",")]
+               + [(2, 1, a.executors.split(",")[0], None, v) for v in a.tp2_env_variants.split(";") if v.strip()]
+               + ([] if a.skip_pp else [(1, 2, "mpi", None, "")] + [(1, 2, "mpi", m, "") for m in extra_mb]))
+    for tp, pp, ex, mb, variant in layouts:
         name = f"tp{tp}_{ex}" if pp == 1 else f"pp{pp}_{ex}" + (f"_mb{mb}" if mb else "")
+        saved: dict[str, str | None] = {}
+        if variant:
+            label, _, settings = variant.partition(":")
+            name += f"_{label}"
+            for kv in settings.split(","):
+                k, _, v = kv.partition("=")
+                saved[k] = os.environ.get(k)
+                os.environ[k] = v  # workers are spawned after this: they inherit it
+            details.setdefault("variants", {})[name] = settings
         llm = _llm(a.shape, tp, ex, a.max_num_seqs, 512, pp=pp, mb=mb)
         describe = getattr(llm._executor, "describe_workers", None)
         details.setdefault("workers", {})[name] = describe() if describe else "local"
@@ -195,6 +208,13 @@ def main() -> None:
         del llm
         gc.collect()
         torch.cuda.empty_cache()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if variant:
+            metrics[f"{name}_vs_tp1_bs1_latency"] = runs[name]["bs1_ms_per_token"] / runs["tp1_local"]["bs1_ms_per_token"]
     first = a.executors.split(",")[0]
     t1, t2 = runs["tp1_local"], runs[f"tp2_{first}"]
     metrics["tp1_bs1_ms_per_token"] = t1["bs1_ms_per_token"]

@@ -113,7 +113,13 @@ class WorkerHost:
             logger.info("rank %d: TP all-reduce %s", self.rank,
                         f"through the IPC one-shot kernel up to {max_bytes >> 10} KB" if ipc is not None else "through NCCL")
             if ipc is not None:
-                tp_comm = FastAllReduceComm(tp_comm, ipc)
+                norm = None
+                if os.environ.get("DISTRT_FUSED_AR_NORM", "1") != "0":  # all-reduce + add + RMSNorm in one kernel
+                    from distrt.parallel.ipc_allreduce_norm import create_ipc_all_reduce_norm
+
+                    norm = create_ipc_all_reduce_norm(tp_comm, torch.device(device), max_bytes,
+                                                      self.config.model.hidden_size, **env_config())  # collective
+                tp_comm = FastAllReduceComm(tp_comm, ipc, norm)
         pp_comm = self.comm.split(layout.pp_groups()) if layout.pp_size > 1 else None
         self.worker = Worker(self.config, tp_rank=state.tp.rank, tp_size=state.tp.size, pp_rank=state.pp.rank,
                              pp_size=state.pp.size, tp_comm=tp_comm, pp_comm=pp_comm, device=device)
@@ -204,6 +210,9 @@ class WorkerHost:
             info["ipc_error"] = tp.ipc.error()
             info["ipc_config"] = f"{'push' if tp.ipc.push else 'pull'}:{tp.ipc.chunk_bytes}, {tp.ipc.programs} programs, " \
                                  f"up to {tp.ipc.max_bytes >> 10} KB"
+            info["ipc_ar_norm"] = tp.norm is not None  # all-reduce + add + RMSNorm fused (ipc_allreduce_norm.py)
+            if tp.norm is not None:
+                info["ipc_error"] = max(info["ipc_error"], tp.norm.buf.error())
         return info
 
     def ping(self) -> float:

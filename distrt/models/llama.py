@@ -14,12 +14,17 @@ from distrt.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from distrt.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from distrt.layers.norm import RMSNorm
 from distrt.layers.rotary import RotaryEmbedding
+from distrt.layers.tp_norm import all_reduce_then_norm
 from distrt.models.shard import ShardContext
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
 class LlamaAttention(nn.Module):
+    # forward(..., reduce=False) returns this rank's partial sum: the decoder layer then all-reduces it
+    # together with the following RMSNorm (layers/tp_norm.py)
+    defers_reduce = True
+
     def __init__(self, cfg: ModelConfig, ctx: ShardContext, rope: RotaryEmbedding) -> None:
         super().__init__()
         self.ctx = ctx
@@ -31,17 +36,20 @@ class LlamaAttention(nn.Module):
         self.rope = rope
         self.attn = Attention(self.qkv_proj.q_heads, self.qkv_proj.kv_heads, cfg.head_dim, cfg.head_dim ** -0.5)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata,
+                reduce: bool = True) -> torch.Tensor:
         qkv = self.qkv_proj(x)  # [T, (Hq + 2*Hkv) * D] on this rank
         q, k, v = qkv.split([self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1)
         # rope is applied inside attention, fused with the KV-cache write (one kernel for both)
         out = self.o_proj(self.attn(q, k, v, kv_cache, meta, positions=positions, rope=self.rope))
-        if self.ctx.tp_size > 1:
+        if self.ctx.tp_size > 1 and reduce:
             out = self.ctx.tp_comm.all_reduce(out)
         return out
 
 
 class LlamaMLP(nn.Module):
+    defers_reduce = True  # as LlamaAttention's
+
     def __init__(self, cfg: ModelConfig, ctx: ShardContext) -> None:
         super().__init__()
         self.ctx = ctx
@@ -53,9 +61,9 @@ class LlamaMLP(nn.Module):
                                            tp_rank=ctx.tp_rank, tp_size=ctx.tp_size, dtype=ctx.dtype, name="down_proj")
         self.act = SiluAndMul()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
         out = self.down_proj(self.act(self.gate_up_proj(x)))
-        if self.ctx.tp_size > 1:
+        if self.ctx.tp_size > 1 and reduce:
             out = self.ctx.tp_comm.all_reduce(out)
         return out
 
@@ -67,13 +75,27 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg, ctx)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.dtype)
+        self.set_deferred_reduce(ctx)
+
+    def set_deferred_reduce(self, ctx: ShardContext) -> None:
+        """With tp > 1 the attention's and the MLP's all-reduces move into the RMSNorm after each
+        (one fused kernel where the comm has it); a block that reduces itself (MoE) keeps doing so.
+        defer_mlp: this layer returns its MLP output unreduced (the next norm reduces it)."""
+        self.tp_comm = ctx.tp_comm if ctx.tp_size > 1 else None
+        self.defer_attn = self.tp_comm is not None and getattr(self.self_attn, "defers_reduce", False)
+        self.defer_mlp = self.tp_comm is not None and getattr(self.mlp, "defers_reduce", False)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
-                kv_cache: KVCache, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(positions, h, kv_cache, meta)
-        h, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(h), residual
+                kv_cache: KVCache, meta: AttentionMetadata, x_partial: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_partial: x is the previous layer's unreduced MLP output (its defer_mlp)."""
+        h, residual = all_reduce_then_norm(self.input_layernorm, x, residual, self.tp_comm if x_partial else None)
+        if self.defer_attn:
+            h = self.self_attn(positions, h, kv_cache, meta, reduce=False)
+            h, residual = all_reduce_then_norm(self.post_attention_layernorm, h, residual, self.tp_comm)
+        else:
+            h = self.self_attn(positions, h, kv_cache, meta)
+            h, residual = self.post_attention_layernorm(h, residual)
+        return (self.mlp(h, reduce=False) if self.defer_mlp else self.mlp(h)), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -114,11 +136,13 @@ class LlamaForCausalLM(nn.Module):
         """Runs this stage's layers. First stage: from input_ids; later stages: from (hidden, residual).
         Last stage returns (normed hidden, None); others return (hidden, residual) to send on."""
         h = self.embed(input_ids) if hidden is None else hidden  # [T, hidden]
+        partial = False  # h is reduced: the embedding's output, or what the previous stage sent
         for i, layer in enumerate(self.layers.values()):
-            h, residual = layer(positions, h, residual, kv_caches[i], meta)
+            h, residual = layer(positions, h, residual, kv_caches[i], meta, x_partial=partial)
+            partial = layer.defer_mlp
         if not self.ctx.is_last_stage:
-            return h, residual
-        h, _ = self.norm(h, residual)
+            return (self.ctx.tp_comm.all_reduce(h) if partial else h), residual
+        h, _ = all_reduce_then_norm(self.norm, h, residual, self.ctx.tp_comm if partial else None)
         return h, None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -81,6 +81,7 @@ class MoeDecoderLayer(LlamaDecoderLayer):
         self.mlp = mlp
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.dtype)
+        self.set_deferred_reduce(ctx)  # the MoE block reduces its own output; the attention defers
 
 
 class MoeCausalLM(LlamaForCausalLM):

@@ -50,7 +50,8 @@ class QKNormAttention(LlamaAttention):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ctx.dtype)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ctx.dtype)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata,
+                reduce: bool = True) -> torch.Tensor:
         qkv = self.qkv_proj(x)  # [T, (Hq + 2*Hkv) * D] on this rank
         q, k, v = qkv.split([self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1)
         d = self.attn.head_dim
@@ -58,7 +59,7 @@ class QKNormAttention(LlamaAttention):
         k, _ = self.k_norm(k.reshape(-1, d))  # [T * Hkv, D]
         # rope (after the norms) is applied inside attention, fused with the KV-cache write
         out = self.o_proj(self.attn(q, k, v, kv_cache, meta, positions=positions, rope=self.rope))
-        if self.ctx.tp_size > 1:
+        if self.ctx.tp_size > 1 and reduce:
             out = self.ctx.tp_comm.all_reduce(out)
         return out
 

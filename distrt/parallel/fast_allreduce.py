@@ -18,15 +18,28 @@ import torch
 
 
 class FastAllReduceComm:
-    def __init__(self, comm: Any, ipc: Any) -> None:
+    def __init__(self, comm: Any, ipc: Any, norm: Any = None) -> None:
         self.comm = comm
         self.ipc = ipc
+        self.norm = norm  # IpcAllReduceNorm (its own IPC buffers) or None
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         return self.ipc.all_reduce(t)  # falls back to self.comm when the kernel does not apply
 
+    def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rms_norm(all_reduce(x) + residual) * weight, all_reduce(x) + residual): one kernel when the
+        row-mode IPC kernel takes x, else the all-reduce then the fused add + norm kernel (same bits)."""
+        if self.norm is not None and self.norm.supports(x, residual):
+            return self.norm.all_reduce_add_rms_norm(x, residual, weight, eps)
+        from distrt.kernels import fused_add_rms_norm_op
+
+        return fused_add_rms_norm_op(self.all_reduce(x), residual, weight, eps)
+
     def close_fast_path(self) -> None:
         """Collective over the group; after the CUDA graphs that captured it are gone."""
+        if self.norm is not None:
+            self.norm.close()
         self.ipc.close()
 
     def destroy(self) -> None:

@@ -161,7 +161,7 @@ def main() -> None:
     ap.add_argument("--pp-micro-batches", default="",
                     help="extra pp=2 runs with these micro-batch counts (comma list; the default, pp, always runs)")
     ap.add_argument("--tp2-env-variants", default="",
-                    help="extra tp=2 runs (first executor) under env settings, e.g. 'unfused:DISTRT_FUSED_AR_NORM=0' "
+                    help="extra tp=2 runs (first executor) under env settings, e.g. 'fused:DISTRT_FUSED_AR_NORM=1' "
                          "(';' between variants, ',' between settings); named tp2_<executor>_<label>")
     ap.add_argument("--all-throughput", action="store_true",
                     help="throughput under every executor (default: the first executor and tp=1 only)")

@@ -18,7 +18,9 @@ It must not share data slots, flags or counters with the chunk-mode kernel: a ra
 as soon as its peers signalled, while a peer may still be reading that call's data out of its own
 buffer (push), so only calls of one sequence may alternate two slots. ``IpcAllReduceNorm`` therefore
 owns a second ``IpcAllReduce`` (its own allocation) and only uses its buffers and counters.
-Rows beyond its buffer, rows that are not a multiple of 16 bytes, other dtypes or no residual go to
+Workers build it only with DISTRT_FUSED_AR_NORM=1 (see executor/worker_host.py for why it is not the
+default yet); without it the layers' deferred all-reduce takes the fallback below, which is the
+unfused order. Rows beyond its buffer, rows that are not a multiple of 16 bytes, other dtypes or no residual go to
 the fallback (``all_reduce`` then the norm kernels); the choice depends on shapes only, the same on
 every rank.
 """

@@ -239,6 +239,21 @@ def _gpu_rank(rank: int, world: int, init: str) -> None:
         del graph
         norm.close()
         ar.close()
+    # the engine's sizing for a 512-token budget (default_max_bytes: 4 MB), filled by 512 rows
+    ar = car.create_ipc_all_reduce(comm, max_bytes=4 << 20, spin_limit=1 << 22)
+    norm = arn.create_ipc_all_reduce_norm(comm, dev, 4 << 20, hidden, spin_limit=1 << 22)
+    assert ar is not None and norm is not None
+    w = torch.randn(hidden, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16).to(dev)
+    for seed, rows in enumerate([512, 1, 511, 64, 512]):
+        x = torch.randn(rows, hidden, generator=torch.Generator().manual_seed(seed * 10 + rank)).to(torch.bfloat16).to(dev)
+        res = torch.randn(rows, hidden, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16).to(dev)
+        got = norm.all_reduce_add_rms_norm(x, res, w, EPS)
+        want = fused_add_rms_norm(ar.all_reduce(x.clone()), res, w, EPS)
+        torch.cuda.synchronize()
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), f"4 MB buffer, rows={rows}"
+    norm.buf.check()
+    norm.close()
+    ar.close()
     comm.destroy()
     gloo.destroy()
 

@@ -245,7 +245,8 @@ def worker_loop(world: Any, link: Link | None, config: Any = None) -> None:
                     forwarder.close()
                 return
     except BaseException as e:
-        text = f"MPI worker rank {rank}: {type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}"
+        # the innermost frames say which op failed (the outer ones are always this loop's)
+        text = f"MPI worker rank {rank}: {type(e).__name__}: {e}\n{traceback.format_exc(limit=-16)}"
         if rank == 0 and link is not None:
             try:
                 link.send(("fail", text))

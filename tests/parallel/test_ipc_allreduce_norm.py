@@ -4,7 +4,8 @@ CPU (TRITON_INTERPRET=1): the row-mode protocol with peers emulated in host memo
 signal written the way their kernels would) and with ranks racing in processes over shared memory;
 results against a plain-torch reference: the fp32 rank-order sum rounded to the dtype, then
 fused_add_rms_norm_ref. GPU (2 devices): bitwise equal to IpcAllReduce.all_reduce followed by the
-fused add + RMSNorm kernel, eager and inside a CUDA graph, interleaved with plain all-reduces.
+fused add + RMSNorm kernel, eager and inside a CUDA graph, interleaved with plain all-reduces, and in
+back-to-back calls that change the row size.
 """
 
 from __future__ import annotations
@@ -51,15 +52,21 @@ class _Emulated:
         cap = self.max_bytes // torch.empty(0, dtype=dtype).element_size()
         return self.data[holder].view(dtype)[(slot * self.world + src) * cap:(slot * self.world + src + 1) * cap]
 
-    def publish(self, src: int, x: torch.Tensor) -> None:
-        """Rank src's kernel before it waits: program p writes rows p, p + P, ... and signals."""
+    def publish(self, src: int, x: torch.Tensor, advance: bool = False) -> None:
+        """Rank src's kernel before it waits: program p writes rows p, p + P, ... into its own range
+        of the area (j-th row at p * region + j * hidden) and signals. advance: src is emulated only
+        (no kernel of its own runs this call), so the publish also counts the call."""
         rows, hidden = x.shape
         holders = [d for d in range(self.world) if d != src] if self.push else [src]
+        region = arn.region_bytes(self.max_bytes, self.programs) // x.element_size()
         for p in range(min(rows, self.programs)):
             call = int(self.counters[src][p]) + 1
-            for row in range(p, rows, self.programs):
+            if advance:
+                self.counters[src][p] = call
+            for j, row in enumerate(range(p, rows, self.programs)):
+                at = p * region + j * hidden
                 for h in holders:
-                    self._slot(h, call % 2, src, x.dtype)[row * hidden:(row + 1) * hidden] = x[row]
+                    self._slot(h, call % 2, src, x.dtype)[at:at + hidden] = x[row]
             for d in range(self.world):
                 if d != src:
                     self.flags[d][p, src] = call
@@ -79,7 +86,7 @@ class _Emulated:
 def test_row_mode_emulated_peers(world: int, dtype: torch.dtype, push: bool) -> None:
     pytest.importorskip("triton")
     hidden, programs = 40, 3  # 80/160-byte rows, not a power of two; 3 programs loop over up to 7 rows
-    em = _Emulated(world, 8 * hidden * 4, programs, push)
+    em = _Emulated(world, 12 * hidden * 4, programs, push)
     w = torch.randn(hidden, generator=torch.Generator().manual_seed(5)).to(dtype)
     for call, rows in enumerate([7, 1, 2, 7], start=1):
         g = torch.Generator().manual_seed(call)
@@ -97,6 +104,34 @@ def test_row_mode_emulated_peers(world: int, dtype: torch.dtype, push: bool) -> 
         _check(outs[0], want, f"call {call}")
     # calls ran programs [0..2], [0], [0, 1], [0..2]: counters (call numbers) per program
     assert em.counters[0].tolist() == [4, 3, 2]
+
+
+@_interpreted
+@pytest.mark.parametrize("push", [False, True], ids=["pull", "push"])
+def test_row_mode_peer_a_call_ahead(push: bool) -> None:
+    """The latest a program may read: rank 0 finished call k (it saw every program's signal, sent
+    before that program reads) and has published call k + 1 while rank 1 still reads call k. Calls
+    change the row size (dtype), so rows sit at other offsets in every call: no program's publish may
+    land where another program reads (custom_allreduce's two-slot argument, per program)."""
+    pytest.importorskip("triton")
+    hidden, programs = 24, 2  # 48/96-byte rows
+    em = _Emulated(2, 1024, programs, push)
+    w = torch.randn(hidden, generator=torch.Generator().manual_seed(7))
+    seq = [(torch.float32, 5), (torch.float16, 1), (torch.float32, 3), (torch.float16, 8), (torch.float32, 2),
+           (torch.float16, 7), (torch.float16, 2), (torch.float32, 4)]
+    calls = []
+    for i, (dtype, rows) in enumerate(seq):
+        g = torch.Generator().manual_seed(100 + i)
+        calls.append(([torch.randn(rows, hidden, generator=g).to(dtype) for _ in range(2)],
+                      torch.randn(rows, hidden, generator=g).to(dtype)))
+    for k in range(0, len(seq), 2):
+        em.publish(0, calls[k][0][0], advance=True)
+        em.publish(0, calls[k + 1][0][0], advance=True)  # rank 0 is a call ahead of rank 1
+        for xs, residual in calls[k:k + 2]:
+            got = em.run(1, xs[1], residual, w.to(xs[1].dtype))
+            assert int(em.errs[1]) == 0, f"call {k}"
+            _check(got, _want(xs, residual, w.to(xs[1].dtype)), f"call {k} ({xs[1].dtype}, {xs[1].shape[0]} rows)")
+    assert torch.equal(em.counters[0], em.counters[1])
 
 
 @_interpreted
@@ -251,6 +286,21 @@ def _gpu_rank(rank: int, world: int, init: str) -> None:
         want = fused_add_rms_norm(ar.all_reduce(x.clone()), res, w, EPS)
         torch.cuda.synchronize()
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), f"4 MB buffer, rows={rows}"
+    # back-to-back calls whose row size changes (fp32 / bf16 rows), nothing in between: a rank runs
+    # ahead into the next call while its peer still reads this one (per-program byte ranges)
+    mixed = []
+    for seed, (dtype, rows) in enumerate([(torch.float32, 200), (torch.bfloat16, 512), (torch.float32, 7),
+                                          (torch.bfloat16, 300), (torch.float32, 133), (torch.bfloat16, 1)] * 2):
+        x = torch.randn(rows, hidden, generator=torch.Generator().manual_seed(seed * 10 + rank)).to(dtype).to(dev)
+        res = torch.randn(rows, hidden, generator=torch.Generator().manual_seed(seed)).to(dtype).to(dev)
+        assert norm.supports(x, res), (dtype, rows)
+        mixed.append((x, res, w.to(dtype)))
+    torch.cuda.synchronize()
+    outs = [norm.all_reduce_add_rms_norm(x, res, wd, EPS) for x, res, wd in mixed]
+    for (x, res, wd), got in zip(mixed, outs):
+        want = fused_add_rms_norm(ar.all_reduce(x.clone()), res, wd, EPS)
+        torch.cuda.synchronize()
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), f"mixed {x.dtype} rows={x.shape[0]}"
     norm.buf.check()
     norm.close()
     ar.close()

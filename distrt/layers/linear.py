@@ -3,15 +3,52 @@
     ColumnParallelLinear   W [out, in] split by rows:    rank r holds W[r*out/tp : (r+1)*out/tp, :]
     RowParallelLinear      W [out, in] split by columns: rank r holds W[:, r*in/tp : (r+1)*in/tp]
                            (partial sums: the caller all-reduces, written out in the model's forward)
+
+Decode-sized inputs (M <= SKINNY_MAX_M rows) can go to the Triton skinny GEMV (distrt/kernels/gemv.py)
+instead of cuBLAS: off by default until measured on a GPU (benchmarks/gemv_probe.py);
+DISTRT_SKINNY_GEMV=1 / 0 forces it on / off. MergedColumnParallelLinear.forward_silu gives the MLP
+silu(gate) * up, fused into the gate_up GEMV when that path is taken.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 from torch import nn
 import torch.nn.functional as F
+
+from distrt.kernels import silu_and_mul_op, use_triton
+
+SKINNY_MAX_M = 16  # rows up to which the skinny GEMV replaces F.linear (the kernel's own limit too)
+SKINNY_DEFAULT = False  # without DISTRT_SKINNY_GEMV set
+
+
+def skinny_enabled() -> bool:
+    env = os.environ.get("DISTRT_SKINNY_GEMV", "")
+    return SKINNY_DEFAULT if env == "" else env == "1"
+
+
+def _skinny_eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """CUDA fp16/bf16 (or, under DISTRT_FORCE_TRITON on CPU, also fp32) with 1..SKINNY_MAX_M rows.
+    Decided from shapes and dtypes only, so the choice is fixed per captured CUDA-graph batch size."""
+    if not skinny_enabled() or x.dim() < 2 or x.dtype != weight.dtype or weight.stride(-1) != 1:
+        return False
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if not 1 <= rows <= SKINNY_MAX_M or not use_triton(x):
+        return False
+    return x.dtype in (torch.float16, torch.bfloat16) or (not x.is_cuda and x.dtype == torch.float32)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, or the skinny GEMV for decode-sized inputs (see the module docstring)."""
+    if _skinny_eligible(x, weight):
+        from distrt.kernels.gemv import skinny_linear
+
+        out = skinny_linear(x.reshape(-1, x.shape[-1]), weight, bias)
+        return out.view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
 
 
 def narrow(t: Any, dim: int, start: int, length: int) -> torch.Tensor:
@@ -58,7 +95,7 @@ class ColumnParallelLinear(nn.Module):
         _copy(param, narrow(loaded, 0, self.tp_rank * n, n), "column-parallel")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -77,6 +114,19 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         offset = sum(self.out_sizes[:shard_id]) // self.tp_size
         src = narrow(loaded, 0, self.tp_rank * size, size)
         _copy(param.data.narrow(0, offset, size), src, f"merged shard {shard_id}")  # type: ignore[arg-type]
+
+    def forward_silu(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up for a [gate, up] pair of equal sizes: [..., in] -> [..., out_per_rank / 2].
+        The skinny path fuses the activation into the GEMV (no [M, 2I] intermediate; the projection
+        is then not rounded to x.dtype before the silu); otherwise linear + silu_and_mul_op."""
+        assert len(self.out_sizes) == 2 and self.out_sizes[0] == self.out_sizes[1], self.out_sizes
+        if _skinny_eligible(x, self.weight):
+            from distrt.kernels.gemv import skinny_gate_up_silu
+
+            out = skinny_gate_up_silu(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
+            return out.view(*x.shape[:-1], self.out_per_rank // 2)
+        gate_up = F.linear(x, self.weight, self.bias)
+        return silu_and_mul_op(gate_up.reshape(-1, gate_up.shape[-1])).view(*x.shape[:-1], self.out_per_rank // 2)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -132,4 +182,4 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Partial sums; the bias is added on rank 0 only so the all-reduce adds it once."""
         bias = self.bias if self.tp_rank == 0 else None
-        return F.linear(x, self.weight, bias)
+        return linear(x, self.weight, bias)

@@ -179,3 +179,17 @@ def run_ranks(fn: Callable[..., None], world_size: int, args: tuple[Any, ...] = 
     if reports or any(c != 0 for c in codes):
         details = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(reports))
         raise AssertionError(f"rank exit codes {codes}\n{details}")
+
+
+def nccl_pair(rank: int, world: int, init: str) -> tuple[Communicator, Communicator]:
+    """(gloo, nccl) communicators of one GPU test rank: the NCCL unique id travels over gloo
+    (init: a torch.distributed init method), and the rank's device is cuda:rank."""
+    from datetime import timedelta
+
+    from distrt.parallel.comm_factory import create_communicator
+    from distrt.parallel.comm_nccl import nccl_unique_id
+
+    gloo = create_communicator("gloo", rank=rank, world_size=world, init_method=init, timeout=timedelta(seconds=60))
+    uid = gloo.broadcast_object(nccl_unique_id() if rank == 0 else None, 0)
+    torch.cuda.set_device(rank)
+    return gloo, create_communicator("nccl", rank=rank, world_size=world, unique_id=uid, device=rank)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from comm_checks import run_ranks
+from comm_checks import nccl_pair, run_ranks
 
 from distrt.parallel import custom_allreduce as car
 from distrt.parallel.comm import SingleRankComm
@@ -256,16 +256,6 @@ def _want(world: int, numel: int, dtype: torch.dtype, seed: int) -> torch.Tensor
     return acc.to(dtype)
 
 
-def _nccl_pair(rank: int, world: int, init: str):  # type: ignore[no-untyped-def]
-    from distrt.parallel.comm_factory import create_communicator
-    from distrt.parallel.comm_nccl import nccl_unique_id
-
-    gloo = create_communicator("gloo", rank=rank, world_size=world, init_method=init, timeout=timedelta(seconds=60))
-    uid = gloo.broadcast_object(nccl_unique_id() if rank == 0 else None, 0)
-    torch.cuda.set_device(rank)
-    return gloo, create_communicator("nccl", rank=rank, world_size=world, unique_id=uid, device=rank)
-
-
 def _check_eager(comm, ar, rank: int, world: int) -> None:  # type: ignore[no-untyped-def]
     dev = comm.device
     cases = [(dtype, nbytes) for dtype in car.DTYPES for nbytes in (16, 8 << 10, (8 << 10) + 16, 64 << 10, 256 << 10)]
@@ -329,7 +319,7 @@ def _check_large(comm, ar, rank: int, world: int) -> None:  # type: ignore[no-un
 
 
 def _gpu_rank(rank: int, world: int, init: str) -> None:
-    gloo, comm = _nccl_pair(rank, world, init)
+    gloo, comm = nccl_pair(rank, world, init)
     for push in (False, True):
         ar = car.create_ipc_all_reduce(comm, max_bytes=256 << 10, push=push, spin_limit=1 << 22)
         assert ar is not None, "2 GPUs of one host should support the IPC all-reduce"
@@ -353,7 +343,7 @@ def test_two_gpus(tmp_path: Path) -> None:
 
 
 def _timeout_rank(rank: int, world: int, init: str) -> None:
-    gloo, comm = _nccl_pair(rank, world, init)
+    gloo, comm = nccl_pair(rank, world, init)
     ar = car.IpcAllReduce(comm, comm.device, 64 << 10)
     ar.spin_limit = 1000  # after the collective warm-up
     if rank == 0:  # rank 1 never joins this call

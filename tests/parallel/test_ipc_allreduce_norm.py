@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from comm_checks import run_ranks
+from comm_checks import nccl_pair, run_ranks
 
 from distrt.kernels.norm import fused_add_rms_norm_ref
 from distrt.parallel import custom_allreduce as car
@@ -216,16 +216,9 @@ _two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CU
 
 
 def _gpu_rank(rank: int, world: int, init: str) -> None:
-    from datetime import timedelta
-
     from distrt.kernels import fused_add_rms_norm
-    from distrt.parallel.comm_factory import create_communicator
-    from distrt.parallel.comm_nccl import nccl_unique_id
 
-    gloo = create_communicator("gloo", rank=rank, world_size=world, init_method=init, timeout=timedelta(seconds=60))
-    uid = gloo.broadcast_object(nccl_unique_id() if rank == 0 else None, 0)
-    torch.cuda.set_device(rank)
-    comm = create_communicator("nccl", rank=rank, world_size=world, unique_id=uid, device=rank)
+    gloo, comm = nccl_pair(rank, world, init)
     dev = comm.device
     hidden = 4096
     for push in (True, False):

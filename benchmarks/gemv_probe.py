@@ -72,35 +72,21 @@ class Timer:
         self.cpu, self.reps = cpu, reps
 
     def per_call_us(self, fns: list[Callable[[], Any]]) -> float:
-        import torch
+        """Microseconds per call: on CUDA distrt.bench.kernels.graph_ms (all fns in one CUDA graph,
+        median of replays); on CPU (interpreter smoke runs) the median of timed eager loops."""
+        if not self.cpu:
+            from distrt.bench.kernels import graph_ms
 
-        for fn in fns:  # compile / warm up outside the capture
+            return graph_ms(fns, self.reps) * 1e3
+        for fn in fns:  # warm up
             fn()
-        if self.cpu:
-            times = []
-            for _ in range(self.reps):
-                t0 = time.perf_counter()
-                for fn in fns:
-                    fn()
-                times.append((time.perf_counter() - t0) / len(fns))
-            return statistics.median(times) * 1e6
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for fn in fns:
-                fn()
-        for _ in range(3):
-            graph.replay()
         times = []
         for _ in range(self.reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        del graph
-        return statistics.median(times) * 1e3 / len(fns)
+            t0 = time.perf_counter()
+            for fn in fns:
+                fn()
+            times.append((time.perf_counter() - t0) / len(fns))
+        return statistics.median(times) * 1e6
 
 
 def copy_gbps(timer: Timer, cpu: bool) -> float:

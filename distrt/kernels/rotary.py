@@ -17,7 +17,7 @@ from distrt.kernels._lazy_triton import jit_kernels
 # Bound on first launch by _jit() (see _lazy_triton: importing triton here would fix its mode too early).
 triton: Any = None
 tl: Any = None
-_KERNELS = ('_rotate_heads', '_rotary_kernel')
+_KERNELS = ('_cos_sin_row', '_rotate_halves', '_rotate_heads', '_rotary_kernel')
 
 
 def _jit() -> None:
@@ -89,18 +89,38 @@ def apply_rotary_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
 
 
 # triton.jit, applied by _jit()
-def _rotate_heads(x_ptr, t, stride_t, stride_h, cos, sin,
-                  NUM_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-                  BLOCK_HALF: tl.constexpr):
+def _cos_sin_row(cos_sin_ptr, pos, stride_cs, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """cos and sin of position pos as fp32 [1, BLOCK_HALF] rows (padding lanes 0)."""
+    d = tl.arange(0, BLOCK_HALF)
+    dmask = d < HALF
+    cos = tl.load(cos_sin_ptr + pos * stride_cs + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    return cos, sin
+
+
+# triton.jit, applied by _jit()
+def _rotate_halves(x_ptr, row, stride_h, cos, sin, NUM_HEADS: tl.constexpr, HALF: tl.constexpr,
+                   BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Rotated halves of the heads of one row (x_ptr + row), in fp32 math rounded to x's dtype, with
+    the first half's pointers and the mask (rotary_kv.py writes them to the cache instead)."""
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_HALF)
     mask = (h[:, None] < NUM_HEADS) & (d[None, :] < HALF)
-    ptr1 = x_ptr + t * stride_t + h[:, None] * stride_h + d[None, :]
+    ptr1 = x_ptr + row + h[:, None] * stride_h + d[None, :]
     x1 = tl.load(ptr1, mask=mask, other=0.0)
     x2 = tl.load(ptr1 + HALF, mask=mask, other=0.0).to(tl.float32)
     x1f = x1.to(tl.float32)
-    tl.store(ptr1, (x1f * cos - x2 * sin).to(x1.dtype), mask=mask)
-    tl.store(ptr1 + HALF, (x2 * cos + x1f * sin).to(x1.dtype), mask=mask)
+    return (x1f * cos - x2 * sin).to(x1.dtype), (x2 * cos + x1f * sin).to(x1.dtype), ptr1, mask
+
+
+# triton.jit, applied by _jit()
+def _rotate_heads(x_ptr, t, stride_t, stride_h, cos, sin,
+                  NUM_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+                  BLOCK_HALF: tl.constexpr):
+    r1, r2, ptr1, mask = _rotate_halves(x_ptr, t * stride_t, stride_h, cos, sin, NUM_HEADS, HALF, BLOCK_H,
+                                        BLOCK_HALF)
+    tl.store(ptr1, r1, mask=mask)
+    tl.store(ptr1 + HALF, r2, mask=mask)
 
 
 # triton.jit, applied by _jit()
@@ -109,10 +129,7 @@ def _rotary_kernel(q_ptr, k_ptr, pos_ptr, cos_sin_ptr, stride_qt, stride_qh, str
                    BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t)
-    d = tl.arange(0, BLOCK_HALF)
-    dmask = d < HALF
-    cos = tl.load(cos_sin_ptr + pos * stride_cs + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
-    sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    cos, sin = _cos_sin_row(cos_sin_ptr, pos, stride_cs, HALF, BLOCK_HALF)
     _rotate_heads(q_ptr, t, stride_qt, stride_qh, cos, sin, NUM_Q_HEADS, HALF, BLOCK_QH, BLOCK_HALF)
     _rotate_heads(k_ptr, t, stride_kt, stride_kh, cos, sin, NUM_K_HEADS, HALF, BLOCK_KH, BLOCK_HALF)
 

@@ -17,16 +17,24 @@ import torch
 from distrt.kernels._lazy_triton import jit_kernels
 from distrt.kernels.kv_cache import FP8_KV_DTYPE, check_kv_scales, write_kv_cache_ref
 from distrt.kernels.kv_cache import _check as _check_kv
+import distrt.kernels.rotary as rotary
 from distrt.kernels.rotary import _check as _check_rotary
 from distrt.kernels.rotary import apply_rotary_ref
 
 # Bound on first launch by _jit() (see _lazy_triton: importing triton here would fix its mode too early).
 triton: Any = None
 tl: Any = None
-_KERNELS = ('_rotate_halves', '_rotary_write_kv_kernel')
+_KERNELS = ('_rotary_write_kv_kernel',)
+# rotary.py's device helpers (jitted there): cos/sin of a position, one row's heads rotated
+_cos_sin_row: Any = None
+_rotate_halves: Any = None
 
 
 def _jit() -> None:
+    global _cos_sin_row, _rotate_halves
+    if triton is None:
+        rotary._jit()
+        _cos_sin_row, _rotate_halves = rotary._cos_sin_row, rotary._rotate_halves
     jit_kernels(globals(), _KERNELS)
 
 
@@ -40,20 +48,6 @@ def rotary_write_kv_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posit
 
 
 # triton.jit, applied by _jit()
-def _rotate_halves(x_ptr, row, stride_h, cos, sin, NUM_HEADS: tl.constexpr, HALF: tl.constexpr,
-                   BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    """Rotated halves of the heads of one row, rounded to x's dtype (as rotary._rotate_heads stores them)."""
-    h = tl.arange(0, BLOCK_H)
-    d = tl.arange(0, BLOCK_HALF)
-    mask = (h[:, None] < NUM_HEADS) & (d[None, :] < HALF)
-    ptr1 = x_ptr + row + h[:, None] * stride_h + d[None, :]
-    x1 = tl.load(ptr1, mask=mask, other=0.0)
-    x2 = tl.load(ptr1 + HALF, mask=mask, other=0.0).to(tl.float32)
-    x1f = x1.to(tl.float32)
-    return (x1f * cos - x2 * sin).to(x1.dtype), (x2 * cos + x1f * sin).to(x1.dtype), ptr1, mask
-
-
-# triton.jit, applied by _jit()
 def _rotary_write_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
                             k_scale, v_scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                             stride_cs, NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
@@ -62,9 +56,7 @@ def _rotary_write_kv_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_sin_ptr, k_cache_p
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t)
     d = tl.arange(0, BLOCK_HALF)
-    dmask = d < HALF
-    cos = tl.load(cos_sin_ptr + pos * stride_cs + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
-    sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    cos, sin = _cos_sin_row(cos_sin_ptr, pos, stride_cs, HALF, BLOCK_HALF)
     q1, q2, q_ptrs, q_mask = _rotate_halves(q_ptr, t * stride_qt, stride_qh, cos, sin, NUM_Q_HEADS, HALF,
                                             BLOCK_QH, BLOCK_HALF)
     tl.store(q_ptrs, q1, mask=q_mask)

@@ -32,7 +32,8 @@ from distrt.kernels.kv_cache import FP8_KV_DTYPE, check_kv_scales
 # Bound on first launch by _jit() (see _lazy_triton: importing triton here would fix its mode too early).
 triton: Any = None
 tl: Any = None
-_KERNELS = ('_kv_tile_offsets', '_prefill_kernel', '_decode_kernel', '_decode_reduce_kernel')
+_KERNELS = ('_kv_tile_offsets', '_prefill_kernel', '_decode_item', '_decode_kernel', '_decode_persistent_kernel',
+            '_decode_reduce_kernel')
 
 
 def _jit() -> None:
@@ -211,9 +212,43 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_
                    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    KV_FP8: tl.constexpr, FP16_MATH: tl.constexpr):
     # One program: all GROUP query heads of one kv head, one split of one sequence's context.
-    b = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
+    _decode_item(tl.program_id(0), tl.program_id(1), tl.program_id(2),
+                 q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_ml_ptr, seq_lens_ptr, bt_ptr,
+                 scale_log2e, v_scale, stride_qb, stride_qh, stride_ob, stride_oh,
+                 stride_cb, stride_co, stride_ch, stride_bt, NUM_HEADS, GROUP, BLOCK_G, HEAD_DIM, BLOCK_D,
+                 BLOCK_SIZE, BLOCK_N, NUM_SPLITS, DOT_PRECISION, KV_FP8, FP16_MATH)
+
+
+# triton.jit, applied by _jit()
+def _decode_persistent_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_ml_ptr, seq_lens_ptr,
+                              bt_ptr, scale_log2e, v_scale, stride_qb, stride_qh, stride_ob, stride_oh,
+                              stride_cb, stride_co, stride_ch, stride_bt, batch,
+                              NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
+                              BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                              BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                              DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, FP16_MATH: tl.constexpr):
+    # A fixed grid (e.g. a few SMs' worth, leaving the rest to a concurrent GEMM on another stream)
+    # walks the (sequence, kv head, split) items with a stride of the grid size.
+    items = batch * NUM_KV_HEADS * NUM_SPLITS
+    pid = tl.program_id(0)
+    for i in range(0, tl.cdiv(items - pid, tl.num_programs(0))):
+        w = pid + i * tl.num_programs(0)  # a tensor (the loop index is a plain int when interpreted)
+        _decode_item(w // (NUM_KV_HEADS * NUM_SPLITS), (w // NUM_SPLITS) % NUM_KV_HEADS, w % NUM_SPLITS,
+                     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_ml_ptr, seq_lens_ptr, bt_ptr,
+                     scale_log2e, v_scale, stride_qb, stride_qh, stride_ob, stride_oh,
+                     stride_cb, stride_co, stride_ch, stride_bt, NUM_HEADS, GROUP, BLOCK_G, HEAD_DIM, BLOCK_D,
+                     BLOCK_SIZE, BLOCK_N, NUM_SPLITS, DOT_PRECISION, KV_FP8, FP16_MATH)
+
+
+# triton.jit, applied by _jit()
+def _decode_item(b, kv_head, split, q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
+                 seq_lens_ptr, bt_ptr, scale_log2e, v_scale, stride_qb, stride_qh, stride_ob, stride_oh,
+                 stride_cb, stride_co, stride_ch, stride_bt,
+                 NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                 BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 KV_FP8: tl.constexpr, FP16_MATH: tl.constexpr):
+    """Items of the decode grid: all GROUP query heads of one kv head, one split of sequence b's context."""
     seq_len = tl.load(seq_lens_ptr + b)
     # each sequence splits its own context evenly, so no host-side max(seq_lens) is needed
     chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
@@ -413,11 +448,12 @@ def decode_num_splits(batch: int, num_kv_heads: int, max_context: int, device: t
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
                            block_tables: torch.Tensor, scale: float, num_splits: int | None = None,
                            out: torch.Tensor | None = None, k_scale: float = 1.0,
-                           v_scale: float = 1.0) -> torch.Tensor:
+                           v_scale: float = 1.0, max_programs: int | None = None) -> torch.Tensor:
     """One query token per sequence: q [B, H, D] -> [B, H, D]. Flash-decoding: the grid is
     (B, kv_heads, num_splits); each program reads its kv head's K/V once for all GROUP query heads,
     partial results are merged by a second kernel. num_splits=None picks it from B, kv heads and
-    the block-table width (the context upper bound)."""
+    the block-table width (the context upper bound). max_programs caps the grid: fewer programs
+    than items walk them in a loop (a persistent grid that leaves SMs to a concurrent kernel)."""
     _check(q, k_cache, v_cache, seq_lens, block_tables)
     check_kv_scales(k_cache, k_scale, v_scale)
     _check_kernel_inputs(q, k_cache, v_cache, seq_lens, block_tables)
@@ -439,10 +475,19 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         part_ml = torch.empty(batch, num_heads, num_splits, 2, dtype=torch.float32, device=q.device)
     else:
         part_acc = part_ml = out  # unused
-    _decode_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, out, part_acc, part_ml, seq_lens, block_tables, scale * k_scale * _LOG2E, float(v_scale),
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+    args = (q, k_cache, v_cache, out, part_acc, part_ml, seq_lens, block_tables, scale * k_scale * _LOG2E,
+            float(v_scale), q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0))
+    items = batch * num_kv_heads * num_splits
+    if max_programs is not None and max_programs < items:
+        assert max_programs >= 1, max_programs
+        kernel, grid = _decode_persistent_kernel, (max_programs,)
+        args = (*args, batch)
+        extra: dict[str, Any] = {"NUM_KV_HEADS": num_kv_heads}
+    else:
+        kernel, grid, extra = _decode_kernel, (batch, num_kv_heads, num_splits), {}
+    kernel[grid](
+        *args, **extra,
         NUM_HEADS=num_heads, GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, DOT_PRECISION=_dot_precision(q.dtype),
         KV_FP8=k_cache.dtype == FP8_KV_DTYPE, FP16_MATH=_fp16_math(q, k_cache), num_warps=num_warps,

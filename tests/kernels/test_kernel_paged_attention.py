@@ -121,6 +121,22 @@ def test_decode_matches_ref(dtype: torch.dtype, head_dim: int, num_heads: int, n
 
 
 @needs_triton
+@pytest.mark.parametrize("num_splits,max_programs", [(1, 1), (3, 2), (3, 5), (None, 3)])
+def test_decode_persistent_grid_matches_full_grid(num_splits: int | None, max_programs: int) -> None:
+    """A capped (persistent) grid walks the same items as the full grid: bitwise the same output."""
+    from distrt.kernels.paged_attention import paged_attention_decode
+
+    batch = make_batch([1] * len(DECODE_SEQ_LENS), DECODE_SEQ_LENS, 8, 2, 64, block_size=8,
+                       dtype=torch.float32, device=DEVICE)
+    args = (batch["q"], batch["k_cache"], batch["v_cache"], batch["seq_lens"], batch["block_tables"], 0.125)
+    full = paged_attention_decode(*args, num_splits=num_splits)
+    capped = torch.full_like(batch["q"], float("nan"))
+    paged_attention_decode(*args, num_splits=num_splits, out=capped, max_programs=max_programs)
+    assert torch.equal(capped, full)
+    torch.testing.assert_close(capped, paged_attention_ref(**batch, scale=0.125), **tol(torch.float32))
+
+
+@needs_triton
 @pytest.mark.parametrize("is_decode_only", [False, True])
 def test_attention_op_dispatch(is_decode_only: bool, force_triton: None) -> None:
     q_lens, seq_lens = ([1, 1, 1], [3, 9, 20]) if is_decode_only else MIXED
@@ -172,3 +188,17 @@ def test_gpu_decode_bf16(head_dim: int, num_heads: int, num_kv_heads: int, num_s
                            head_dim ** -0.5, num_splits=num_splits, out=out)
     assert not out.isnan().any()
     assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("max_programs", [1, 16, 132])
+def test_gpu_decode_persistent_bf16(max_programs: int) -> None:
+    from distrt.kernels.paged_attention import paged_attention_decode
+
+    seq_lens = [1, 4096, 333, 17, 2048, 1000, 15, 16]
+    batch = make_batch([1] * len(seq_lens), seq_lens, 32, 8, 128, block_size=16, dtype=torch.bfloat16, device="cuda")
+    args = (batch["q"], batch["k_cache"], batch["v_cache"], batch["seq_lens"], batch["block_tables"], 128 ** -0.5)
+    full = paged_attention_decode(*args)
+    capped = paged_attention_decode(*args, max_programs=max_programs)
+    assert torch.equal(capped, full)

@@ -38,7 +38,9 @@ def write_result(path: str, metrics: dict[str, Any], details: dict[str, Any] | N
         "device": device_name(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit(),
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "command": " ".join([f"{k}={v}" for k, v in sorted(os.environ.items())
+                             if k.startswith("DISTRT_") and k != "DISTRT_COMMIT"]
+                            + [os.path.basename(sys.executable)] + sys.argv),
         "metrics": metrics,
         "details": details or {},
     }

@@ -395,8 +395,10 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 _SM_COUNT: dict[int, int] = {}
 
 
-# (BLOCK_N, num_warps, num_stages) of the decode kernel over an fp8 cache; set from
-# `benchmarks/kernels_gpu.py --tune-fp8` (None: the bf16 config)
+# (BLOCK_N, num_warps, num_stages) of the decode kernel over a 16/32-bit cache (None: the default in
+# decode_config; benchmarks/decode_step_sweep.py sets it) and over an fp8 cache (set from
+# `benchmarks/kernels_gpu.py --tune-fp8`; None: the bf16 config)
+DECODE_CONFIG: tuple[int, int, int] | None = None
 DECODE_CONFIG_FP8: tuple[int, int, int] | None = None
 
 
@@ -407,6 +409,8 @@ def decode_config(head_dim: int, dtype: torch.dtype, device: torch.device,
         return 16, 4, 1  # interpreter: small tiles keep the simulated work low
     if kv_dtype == FP8_KV_DTYPE and DECODE_CONFIG_FP8 is not None:
         return DECODE_CONFIG_FP8
+    if kv_dtype != FP8_KV_DTYPE and DECODE_CONFIG is not None:
+        return DECODE_CONFIG
     return 64, 2, 3  # H200 sweep: 0.87-1.0 of copy bandwidth at batch 16-64, context 4k-16k
 
 

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             got = pa.paged_attention_decode(q, k, v, sl, bt, HEAD_DIM ** -0.5, out=out)
             row["max_abs_diff_vs_default"] = float((got.float() - ref.float()).abs().max())
-            ms = graph_ms([lambda: pa.paged_attention_decode(q, k, v, sl, bt, HEAD_DIM ** -0.5, out=out)] * 4) / 4
+            ms = graph_ms([lambda: pa.paged_attention_decode(q, k, v, sl, bt, HEAD_DIM ** -0.5, out=out)] * 4)
             row.update(ms=ms, hbm_fraction=kv_bytes / (ms * 1e-3) / 1e9 / copy)
         except Exception as e:  # out of shared memory etc.
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         for m in ints(a.ms):
             xs = {n: torch.randn(m, kk, dtype=torch.bfloat16, device=dev) for n, (_, kk) in PROJ.items()}
             fns = [lambda w=w, n=n: torch.mm(xs[n], w[n].t()) for w in weights for n in PROJ]
-            us = graph_ms(fns) * 1e3 / 8
+            us = graph_ms(fns) * 1e3 * len(PROJ)  # graph_ms is per call; a layer is len(PROJ) calls
             flops = 2 * m * sum(nn * kk for nn, kk in PROJ.values())
             gemm.append(dict(blas=blas, m=m, us_per_layer=us, tflops=flops / (us * 1e-6) / 1e12,
                              us_per_row=us / m))

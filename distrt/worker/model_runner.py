@@ -40,20 +40,6 @@ class BatchInputs:
     meta: AttentionMetadata
     sample_rows: list[int]  # index into the batch of requests that get a token
     sample_token_idx: torch.Tensor  # int64 [S], row in [T] whose logits to sample
-    split: MixedSplit | None = None
-
-
-@dataclass
-class MixedSplit:
-    """A mixed batch's leading one-token rows, run as a decode CUDA graph on a high-priority side stream
-    beside the eager forward of the rest (prompt chunks): the decode rows' memory-bound attention
-    overlaps the prompt rows' compute-bound GEMMs instead of following them."""
-
-    nd: int  # leading one-token rows (the graph's batch)
-    ns_d: int  # sampled rows among them (the first ns_d of sample_token_idx)
-    meta_d: AttentionMetadata
-    meta_p: AttentionMetadata  # the rest, query_start_loc from 0
-    sample_idx_p: torch.Tensor  # int64 [S - ns_d], rows of the rest whose logits are sampled
 
 
 @dataclass
@@ -80,11 +66,6 @@ class ModelRunner:
         self.received_event: torch.cuda.Event | None = None
         sc = config.scheduler
         self.block_rows = BlockTableRows(-(-sc.max_model_len // config.cache.block_size), sc.max_num_seqs + 8)
-        # Mixed-step overlap (MixedSplit): one device, no collectives (a TP all-reduce inside the graph and
-        # one in the eager forward would share buffers and communicators). DISTRT_OVERLAP_MIXED=0 turns it off.
-        self.overlap_mixed = (os.environ.get("DISTRT_OVERLAP_MIXED", "1") != "0" and ctx.tp_size == 1
-                              and ctx.pp_size == 1)
-        self._side_stream: torch.cuda.Stream | None = None
 
     # -- KV cache ---------------------------------------------------------------------------
     @property
@@ -211,12 +192,6 @@ class ModelRunner:
         sampled = end == np.asarray(ends_tok, dtype=np.int64)
         sample_rows = np.flatnonzero(sampled)
         sample_idx = qsl[1:][sampled] - 1
-        nd = self._split_rows(cnt, t, decode_only)
-        if nd:
-            ns_d = int(np.searchsorted(sample_idx, nd))
-            extra64, extra32 = sample_idx[ns_d:] - nd, (qsl[nd:] - nd).astype(np.int32)
-        else:
-            ns_d, extra64, extra32 = 0, _EMPTY, np.zeros(0, dtype=np.int32)
         fill_pos = fill_src = _EMPTY
         if fills:
             for i in fills:
@@ -225,12 +200,11 @@ class ModelRunner:
                                        f"{states[i].num_pending} placeholders")
             fill_pos = qsl[np.fromiter(fills.keys(), dtype=np.int64, count=len(fills)) + 1] - 1
             fill_src = np.fromiter(fills.values(), dtype=np.int64, count=len(fills))
-        # two host buffers, two copies: [ids | positions | slots | sample_idx | fills | split's sample_idx]
-        # and [qsl | seq_lens | tables | split's qsl]
+        # two host buffers, two copies: [ids | positions | slots | sample_idx | fills] and [qsl | seq_lens | tables]
         h64 = torch.from_numpy(np.concatenate([np.asarray(ids, dtype=np.int64), pos, slots, sample_idx,
-                                               fill_pos, fill_src, extra64]))
+                                               fill_pos, fill_src]))
         h32 = torch.from_numpy(np.concatenate([qsl.astype(np.int32), end.astype(np.int32),
-                                               self.block_rows.gather(row, max_blocks).reshape(-1), extra32]))
+                                               self.block_rows.gather(row, max_blocks).reshape(-1)]))
         if self.device.type == "cuda":
             d64 = h64.pin_memory().to(self.device, non_blocking=True)
             d32 = h32.pin_memory().to(self.device, non_blocking=True)
@@ -240,46 +214,20 @@ class ModelRunner:
             slot_mapping=d64[2 * t: 3 * t],
             query_start_loc=d32[: nb + 1],
             seq_lens=d32[nb + 1: 2 * nb + 1],
-            block_tables=d32[2 * nb + 1: 2 * nb + 1 + nb * max_blocks].view(nb, max_blocks),  # [B, max_blocks]
+            block_tables=d32[2 * nb + 1:].view(nb, max_blocks),  # [B, max_blocks]
             max_query_len=int(cnt.max()),
             max_seq_len=int(end.max()),
             is_decode_only=decode_only,
         )
         input_ids = d64[:t]
         ns = len(sample_idx)
-        nf = len(fill_pos)
-        if nf:
+        if len(fill_pos):
             assert prev_tokens is not None, "deferred inputs need the previous step's samples"
-            f = d64[3 * t + ns: 3 * t + ns + 2 * nf]
+            nf = len(fill_pos)
+            f = d64[3 * t + ns:]
             input_ids[f[:nf]] = prev_tokens[f[nf:]]
-        split = None
-        if nd:
-            split = MixedSplit(
-                nd=nd, ns_d=ns_d,
-                meta_d=AttentionMetadata(slot_mapping=meta.slot_mapping[:nd], query_start_loc=meta.query_start_loc[: nd + 1],
-                                         seq_lens=meta.seq_lens[:nd], block_tables=meta.block_tables[:nd],
-                                         max_query_len=1, max_seq_len=int(end[:nd].max()), is_decode_only=True),
-                meta_p=AttentionMetadata(slot_mapping=meta.slot_mapping[nd:], query_start_loc=d32[-len(extra32):],
-                                         seq_lens=meta.seq_lens[nd:], block_tables=meta.block_tables[nd:],
-                                         max_query_len=int(cnt[nd:].max()), max_seq_len=int(end[nd:].max()),
-                                         is_decode_only=False),
-                sample_idx_p=d64[len(d64) - len(extra64):])
         return BatchInputs(input_ids=input_ids, positions=d64[t: 2 * t], meta=meta, sample_rows=sample_rows.tolist(),
-                           sample_token_idx=d64[3 * t: 3 * t + ns], split=split)
-
-    # A mixed step splits only when both parts are big enough to be worth a second stream.
-    SPLIT_MIN_DECODE_ROWS = 32
-    SPLIT_MIN_OTHER_TOKENS = 256
-
-    def _split_rows(self, cnt: np.ndarray, t: int, decode_only: bool) -> int:
-        """Leading one-token rows to run as a decode graph beside the rest (0: no split)."""
-        g = self.graphs
-        if decode_only or not self.overlap_mixed or g is None:
-            return 0
-        nd = int(np.argmax(cnt != 1))  # cnt has a row != 1 (not decode_only)
-        if nd < self.SPLIT_MIN_DECODE_ROWS or t - nd < self.SPLIT_MIN_OTHER_TOKENS or g.padded_size(nd) is None:
-            return 0
-        return nd
+                           sample_token_idx=d64[3 * t: 3 * t + ns])
 
     def release_state(self, st: RequestState) -> None:
         """The worker dropped st: its block-table row is free again."""
@@ -291,35 +239,8 @@ class ModelRunner:
         if g is not None and inputs.meta.is_decode_only and g.padded_size(inputs.input_ids.shape[0]) is not None:
             # one token per row; a row may be a 1-token prefill chunk that is not sampled
             return g.run(inputs.input_ids, inputs.positions, inputs.meta)[inputs.sample_token_idx]
-        if inputs.split is not None:
-            return self._forward_split(inputs, inputs.split)
         hidden, _ = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
         return self.model.compute_logits(hidden[inputs.sample_token_idx])
-
-    def _forward_split(self, inputs: BatchInputs, sp: MixedSplit) -> torch.Tensor:
-        """The decode rows through their graph on the side stream, the rest eagerly on this one; logits
-        in sample_token_idx order (the decode rows' sampled rows come first)."""
-        g = self.graphs
-        assert g is not None
-        nd = sp.nd
-        side = None
-        if self.device.type == "cuda":
-            if self._side_stream is None:
-                # a priority past the range maps to the highest one
-                self._side_stream = torch.cuda.Stream(self.device, priority=-100)
-            side = self._side_stream
-            main = torch.cuda.current_stream(self.device)
-            side.wait_stream(main)  # this step's inputs (copies, deferred fills) are queued on main
-            with torch.cuda.stream(side):
-                logits_d = g.run(inputs.input_ids[:nd], inputs.positions[:nd], sp.meta_d)[
-                    inputs.sample_token_idx[: sp.ns_d]]
-        else:  # DISTRT_EAGER_GRAPHS tests: the same plumbing, one after the other
-            logits_d = g.run(inputs.input_ids[:nd], inputs.positions[:nd], sp.meta_d)[inputs.sample_token_idx[: sp.ns_d]]
-        hidden, _ = self.model(inputs.input_ids[nd:], inputs.positions[nd:], self.kv_caches, sp.meta_p)
-        logits_p = self.model.compute_logits(hidden[sp.sample_idx_p])
-        if side is not None:
-            torch.cuda.current_stream(self.device).wait_stream(side)
-        return torch.cat([logits_d, logits_p])
 
     def _mark_received(self) -> None:
         """A later stage's work starts once the previous stage's activations are in (pipeline bubbles

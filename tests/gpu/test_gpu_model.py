@@ -123,36 +123,3 @@ def test_async_scheduling_equals_sync_on_gpu(ckpt: str) -> None:
             assert llm.engine.max_in_flight_seen == (2 if async_scheduling else 1)
         torch.cuda.empty_cache()
     assert runs[0] == runs[1]
-
-
-def test_mixed_step_overlap_equals_unsplit(ckpt: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Mixed steps whose decode rows run as a graph on a side stream beside the prompt chunks' eager
-    forward (model_runner.MixedSplit) give the tokens of the unsplit forward (fp32)."""
-    from distrt.worker.model_runner import ModelRunner
-
-    monkeypatch.setattr(ModelRunner, "SPLIT_MIN_DECODE_ROWS", 2)
-    monkeypatch.setattr(ModelRunner, "SPLIT_MIN_OTHER_TOKENS", 16)
-    ps = prompts(32000)
-    sp = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
-    runs, splits = [], []
-    for overlap in ("0", "1"):
-        monkeypatch.setenv("DISTRT_OVERLAP_MIXED", overlap)
-        with LLM(ckpt, dtype="float32", device="cuda", max_model_len=1024, max_num_seqs=8, kv_cache_memory=0.3,
-                 max_num_batched_tokens=64) as llm:
-            runner = llm._executor.worker.runner  # type: ignore[attr-defined]
-            seen = []
-            inner = runner.prepare
-
-            def spy(*a, **k):  # type: ignore[no-untyped-def]
-                inputs = inner(*a, **k)
-                seen.append(inputs.split is not None)
-                return inputs
-
-            runner.prepare = spy
-            runs.append([o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in ps], sp,
-                                                                       use_tqdm=False)])
-            splits.append(sum(seen))
-            llm.engine.check_integrity()
-        torch.cuda.empty_cache()
-    assert splits[0] == 0 and splits[1] >= 3, splits
-    assert runs[0] == runs[1]

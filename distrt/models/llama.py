@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from distrt.config import ModelConfig
-from distrt.layers.activation import SiluAndMul
 from distrt.layers.attention import Attention, AttentionMetadata
 from distrt.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from distrt.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -59,10 +58,9 @@ class LlamaMLP(nn.Module):
                                                        name="gate_up_proj")
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=mlp_bias,
                                            tp_rank=ctx.tp_rank, tp_size=ctx.tp_size, dtype=ctx.dtype, name="down_proj")
-        self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
-        out = self.down_proj(self.act(self.gate_up_proj(x)))
+        out = self.down_proj(self.gate_up_proj.forward_silu(x))  # fused into the GEMV for decode-sized x
         if self.ctx.tp_size > 1 and reduce:
             out = self.ctx.tp_comm.all_reduce(out)
         return out

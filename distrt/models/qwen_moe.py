@@ -38,7 +38,7 @@ class SharedExpertMoE(FusedMoE):
 
     def forward_partial(self, x: torch.Tensor) -> torch.Tensor:
         se = self.shared_expert
-        shared = se.down_proj(se.act(se.gate_up_proj(x)))  # [T, H], partial over the TP group
+        shared = se.down_proj(se.gate_up_proj.forward_silu(x))  # [T, H], partial over the TP group
         return super().forward_partial(x) + torch.sigmoid(self.shared_expert_gate(x)) * shared
 
 

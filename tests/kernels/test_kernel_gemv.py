@@ -153,14 +153,14 @@ def test_dispatch_forced_on(monkeypatch: pytest.MonkeyPatch, force_triton: None,
 
 
 @needs_triton
-def test_dispatch_off_by_default_and_limits(monkeypatch: pytest.MonkeyPatch, force_triton: None) -> None:
+def test_dispatch_off_on_cpu_by_default_and_limits(monkeypatch: pytest.MonkeyPatch, force_triton: None) -> None:
     from distrt.layers import linear as linear_mod
 
     spy = _Spy(monkeypatch)
     col, _, merged = _layers(torch.float32)
     x = torch.randn(2, 64, device=DEVICE)
     monkeypatch.delenv("DISTRT_SKINNY_GEMV", raising=False)
-    assert not linear_mod.SKINNY_DEFAULT  # until measured on a GPU
+    assert linear_mod.SKINNY_DEFAULT and not linear_mod.skinny_enabled(x)  # default: CUDA tensors only
     torch.testing.assert_close(col(x), F.linear(x, col.weight, col.bias))
     torch.testing.assert_close(merged.forward_silu(x), silu_and_mul_ref(F.linear(x, merged.weight)))
     monkeypatch.setenv("DISTRT_SKINNY_GEMV", "0")
@@ -206,3 +206,23 @@ def test_gpu_cuda_graph_capture_with_split() -> None:
     torch.cuda.synchronize()
     assert rel_err(out, skinny_linear_ref(x, w)) < 1e-2 and not torch.equal(out, eager)
     assert rel_err(act, skinny_gate_up_silu_ref(x, w)) < 1e-2
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_layers_take_skinny_path_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without DISTRT_SKINNY_GEMV a bf16 decode-sized input on CUDA goes to the skinny GEMV (and its
+    fused gate_up + SiLU), and the layers' outputs match the fp32 references."""
+    from distrt.layers import linear as linear_mod
+
+    monkeypatch.delenv("DISTRT_SKINNY_GEMV", raising=False)
+    spy = _Spy(monkeypatch)
+    col = linear_mod.ColumnParallelLinear(4096, 3072, bias=False, tp_rank=0, tp_size=1, dtype=torch.bfloat16).cuda()
+    merged = linear_mod.MergedColumnParallelLinear(4096, [2048, 2048], bias=False, tp_rank=0, tp_size=1,
+                                                   dtype=torch.bfloat16).cuda()
+    for layer in (col, merged):
+        torch.nn.init.normal_(layer.weight, std=4096 ** -0.5)
+    x = torch.randn(2, 4096, device="cuda", dtype=torch.bfloat16)
+    assert rel_err(col(x), skinny_linear_ref(x, col.weight)) < 1e-2
+    assert rel_err(merged.forward_silu(x), skinny_gate_up_silu_ref(x, merged.weight)) < 1e-2
+    assert len(spy.calls) == 2

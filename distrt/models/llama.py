@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Iterable
 
 import torch
@@ -33,14 +34,19 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False,
                                         tp_rank=ctx.tp_rank, tp_size=ctx.tp_size, dtype=ctx.dtype, name="o_proj")
         self.rope = rope
+        self.fused_rope_kv = os.environ.get("DISTRT_FUSED_ROPE_KV", "1") != "0"
         self.attn = Attention(self.qkv_proj.q_heads, self.qkv_proj.kv_heads, cfg.head_dim, cfg.head_dim ** -0.5)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata,
                 reduce: bool = True) -> torch.Tensor:
         qkv = self.qkv_proj(x)  # [T, (Hq + 2*Hkv) * D] on this rank
         q, k, v = qkv.split([self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1)
-        # rope is applied inside attention, fused with the KV-cache write (one kernel for both)
-        out = self.o_proj(self.attn(q, k, v, kv_cache, meta, positions=positions, rope=self.rope))
+        if self.fused_rope_kv:  # rope applied inside attention, fused with the KV-cache write (one kernel)
+            out = self.o_proj(self.attn(q, k, v, kv_cache, meta, positions=positions, rope=self.rope))
+        else:  # DISTRT_FUSED_ROPE_KV=0 (A/B runs): the rotary kernel, then attention's KV write
+            d = self.attn.head_dim
+            q, k = self.rope(positions, q.reshape(q.shape[0], -1, d), k.reshape(k.shape[0], -1, d))
+            out = self.o_proj(self.attn(q, k, v, kv_cache, meta))
         if self.ctx.tp_size > 1 and reduce:
             out = self.ctx.tp_comm.all_reduce(out)
         return out

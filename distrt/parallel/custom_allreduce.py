@@ -149,8 +149,10 @@ def _kernel(x_ptr, data_ptrs, flag_ptrs, counter_ptr, err_ptr, numel, spin_limit
     nblk = tl.cdiv(n, BLOCK)
     lane = tl.arange(0, BLOCK)
 
-    call = tl.load(counter_ptr + pid) + 1
-    tl.store(counter_ptr + pid, call)
+    # One atomic (one thread; Triton broadcasts its result to the whole program): a plain load + store
+    # lets a late warp load the counter after another warp stored call, so the program's threads could
+    # disagree on call (slot, flag values, spin-loop exits: divergent barriers).
+    call = tl.atomic_add(counter_ptr + pid, 1) + 1
     slot = call % 2
     mine = tl.multiple_of(data_ptrs[RANK].to(tl.int64).to(tl.pointer_type(elem)), 16)
     my_flags = flag_ptrs[RANK].to(tl.int64).to(tl.pointer_type(tl.int64)) + pid * FLAGS

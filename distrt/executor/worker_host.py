@@ -114,10 +114,12 @@ class WorkerHost:
                         f"through the IPC one-shot kernel up to {max_bytes >> 10} KB" if ipc is not None else "through NCCL")
             if ipc is not None:
                 norm = None
-                # All-reduce + add + RMSNorm in one kernel: opt-in (DISTRT_FUSED_AR_NORM=1) until an 8B engine
-                # run verifies it. Its 2-GPU bitwise test and the TP engine tests passed on 2 H200s, but a
-                # bf16 8B TP=2 engine at max_num_seqs 512 then failed its graph warm-up on one rank (cuBLAS
-                # EXECUTION_FAILED, cause not isolated: results/h200x2/tp_ar_norm_init_failure.log).
+                # All-reduce + add + RMSNorm in one kernel: opt-in (DISTRT_FUSED_AR_NORM=1). 8B TP=2 engines
+                # at max_num_seqs 512 used to fail their graph warm-up with it (cuBLAS EXECUTION_FAILED, then
+                # "misaligned address" in this kernel): a program's threads could disagree on the call number
+                # (load + store of its counter, fixed with one atomic in 31d52a8). After the fix the 512-sequence
+                # engine and the batch-1 runs work on 2 H200s (results/h200x2/diag_fused_512_after_counter_fix.log,
+                # tp_bs1_fused_fixed.json); the TP engine GPU tests have not been re-run with it on by default.
                 if os.environ.get("DISTRT_FUSED_AR_NORM", "0") == "1":
                     from distrt.parallel.ipc_allreduce_norm import create_ipc_all_reduce_norm
 

@@ -7,7 +7,7 @@
 #   moe_tests   pytest -m gpu tests/moe       Triton fused MoE vs torch (bf16), ep=2 vs one GPU      150 s
 #   moe_bench   benchmarks/moe_gpu.py         kernel vs per-expert loop, EP load, ep=2 vs tp=2 model  200 s
 #   ray         benchmarks/ray_two_node_gpu.py  distrt-ray.sbatch two-node form, serve + HTTP         200 s
-#   gpu_tp      benchmarks/gpu_tp.py --requests 256 --executors mpi,ray                              200 s
+#   gpu_tp      benchmarks/gpu_tp.py --max-num-seqs 512 --executors mpi,ray (2048 x 128/128)          240 s
 #   gpu_tests   pytest -m gpu tests/gpu                                                              150 s
 # Results go to benchmarks/results/<gpu>x2/ and, with the logs (logs.tar.gz, refreshed after every
 # step) and summary.txt, to $OUT (at most 8 files come back from a device run: 7 are written).
@@ -59,7 +59,7 @@ for s in $steps; do
                    if [[ -s $logs/ray.pgid ]]; then  # the launcher's process group, if the step was cut off
                        pg=$(cat "$logs/ray.pgid"); kill -0 -- "-$pg" 2>/dev/null && { note "   killing leftover group $pg"; kill -KILL -- "-$pg"; }
                    fi ;;
-        gpu_tp)    step gpu_tp 200 python3 benchmarks/gpu_tp.py --requests 256 --executors mpi,ray --out "$res/tp.json" ;;
+        gpu_tp)    step gpu_tp 240 python3 benchmarks/gpu_tp.py --max-num-seqs 512 --executors mpi,ray --out "$res/tp.json" ;;
         gpu_tests) step gpu_tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu
                    [[ -f $logs/gpu_tests.log ]] && cp "$logs/gpu_tests.log" "$res/gpu_tests.log"; pack ;;
         *)         note "-- unknown step $s" ;;

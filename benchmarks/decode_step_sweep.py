@@ -20,9 +20,10 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, BLOCK = 4096, 32, 8, 128, 14336, 16
-PROJ = {"qkv": ((HEADS + 2 * KV_HEADS) * HEAD_DIM, HIDDEN), "o": (HIDDEN, HEADS * HEAD_DIM),
-        "gate_up": (2 * INTER, HIDDEN), "down": (HIDDEN, INTER)}
+from gemv_probe import SHAPES  # noqa: E402  (benchmarks/ is sys.path[0] when run as a script)
+
+HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
+PROJ = SHAPES[1]  # Llama-3.1-8B per projection: (N, K) of the weight
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,10 +29,12 @@ from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from gemv_probe import SHAPES  # noqa: E402  (benchmarks/ is sys.path[0] when run as a script)
+
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER = 4096, 32, 8, 128, 14336
 BLOCK = 16
-PROJ = {"qkv": (HEADS + 2 * KV_HEADS) * HEAD_DIM, "o": HIDDEN, "gate_up": 2 * INTER, "down": HIDDEN}
-PROJ_K = {"qkv": HIDDEN, "o": HEADS * HEAD_DIM, "gate_up": HIDDEN, "down": INTER}
+PROJ = {name: n for name, (n, _) in SHAPES[1].items()}  # output width per projection
+PROJ_K = {name: k for name, (_, k) in SHAPES[1].items()}  # input width
 
 
 def time_ms(fn: Callable[[], Any], reps: int, layers: int) -> float:

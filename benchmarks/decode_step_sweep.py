@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warps", default="2,4,8")
     ap.add_argument("--stages", default="2,3,4")
     ap.add_argument("--per-sm", default="2,4,8")
+    ap.add_argument("--orders", default="seq,heads",
+                    help="decode grid orders: seq = (batch, kv_heads, splits), heads = (kv_heads, batch, splits)")
     ap.add_argument("--ms", default="192,224,240,256,264,272,288,320")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
@@ -61,13 +63,15 @@ def main(argv: list[str] | None = None) -> None:
     out = torch.empty_like(q)
     kv_bytes = int(ctx.sum()) * KV_HEADS * HEAD_DIM * 2 * 2
     ref = pa.paged_attention_decode(q, k, v, sl, bt, HEAD_DIM ** -0.5)
-    orig = pa.DECODE_CONFIG, pa.DECODE_PROGRAMS_PER_SM
+    orig = pa.DECODE_CONFIG, pa.DECODE_PROGRAMS_PER_SM, pa.DECODE_HEADS_FASTEST
     default = pa.decode_config(HEAD_DIM, torch.bfloat16, dev, torch.bfloat16)
     attn: list[dict[str, Any]] = []
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
-    for bn, w, st, per_sm in itertools.product(ints(a.block_n), ints(a.warps), ints(a.stages), ints(a.per_sm)):
+    for order, bn, w, st, per_sm in itertools.product(a.orders.split(","), ints(a.block_n), ints(a.warps),
+                                                       ints(a.stages), ints(a.per_sm)):
         pa.DECODE_CONFIG, pa.DECODE_PROGRAMS_PER_SM = (bn, w, st), per_sm
-        row: dict[str, Any] = dict(block_n=bn, warps=w, stages=st, per_sm=per_sm,
+        pa.DECODE_HEADS_FASTEST = order == "heads"
+        row: dict[str, Any] = dict(order=order, block_n=bn, warps=w, stages=st, per_sm=per_sm,
                                    splits=pa.decode_num_splits(a.batch, KV_HEADS, mb * BLOCK, dev, bn))
         try:
             got = pa.paged_attention_decode(q, k, v, sl, bt, HEAD_DIM ** -0.5, out=out)
@@ -78,11 +82,12 @@ def main(argv: list[str] | None = None) -> None:
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         attn.append(row)
         print(row, flush=True)
-    pa.DECODE_CONFIG, pa.DECODE_PROGRAMS_PER_SM = orig
+    pa.DECODE_CONFIG, pa.DECODE_PROGRAMS_PER_SM, pa.DECODE_HEADS_FASTEST = orig
     ok = [r for r in attn if "ms" in r]
     best = min(ok, key=lambda r: r["ms"])
     dflt = [r for r in ok if (r["block_n"], r["warps"], r["stages"]) == default
-            and r["per_sm"] == orig[1]]
+            and r["per_sm"] == orig[1] and r["order"] == ("heads" if orig[2] else "seq")]
+    by_order = {o: min((r["ms"] for r in ok if r["order"] == o), default=None) for o in a.orders.split(",")}
     weights = [{n: torch.randn(*shape, dtype=torch.bfloat16, device=dev) for n, shape in PROJ.items()}
                for _ in range(8)]
     gemm: list[dict[str, Any]] = []
@@ -100,7 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     metrics = dict(copy_gbps=copy, attn_default_ms=dflt[0]["ms"] if dflt else None,
                    attn_default_hbm_fraction=dflt[0]["hbm_fraction"] if dflt else None,
                    attn_best_ms=best["ms"], attn_best_hbm_fraction=best["hbm_fraction"],
-                   attn_best_vs_default=best["ms"] / dflt[0]["ms"] if dflt else None, wall_s=time.time() - t0)
+                   attn_best_vs_default=best["ms"] / dflt[0]["ms"] if dflt else None,
+                   **{f"attn_best_ms_order_{o}": v for o, v in by_order.items()}, wall_s=time.time() - t0)
     details = dict(batch=a.batch, ctx=a.ctx, block_size=BLOCK, kv_bytes=kv_bytes, default_config=default,
                    default_per_sm=orig[1], best_attn=best, attn=attn, gemm=gemm, shape="llama-3.1-8b")
     path = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",

@@ -61,6 +61,17 @@ def _llm(a: argparse.Namespace, max_len: int) -> Any:
     return LLM(f"shape:{a.shape}" if a.shape else a.model, **kw)
 
 
+def _gpu_memory() -> dict[str, float]:
+    """This process's GPU memory after the run (what kv_cache_memory left free; in-process workers only)."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    free, total = torch.cuda.mem_get_info()
+    return {"gpu_free_gib_after_run": free / 2**30, "gpu_total_gib": total / 2**30,
+            "torch_peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
 def _workload(a: argparse.Namespace, vocab: int) -> tuple[list[dict[str, Any]], list[int]]:
     if getattr(a, "dataset", None):
         prompts, outs = [], []
@@ -115,7 +126,7 @@ def run_throughput(a: argparse.Namespace) -> int:
                                "num_kv_blocks": llm.engine.allocator.num_blocks if hasattr(llm.engine, "allocator") else None,
                                "block_size": a.block_size,
                                "preemptions": getattr(stats, "num_preemptions", None),
-                               "steps": steps.summary()}
+                               "steps": steps.summary(), **_gpu_memory()}
     _report(a, metrics, details, plot=lambda path: _plot_bars(path, metrics))  # distrt's numbers are safe now
     raw_cfg = dict(llm.config.model.hf_config)
     ids = [r.prompt_token_ids for r in res]

@@ -22,6 +22,7 @@ into the softmax scale, v_scale into the accumulator (fp8 only; both 1.0 until c
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -210,9 +211,15 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_
                    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   KV_FP8: tl.constexpr, FP16_MATH: tl.constexpr):
+                   KV_FP8: tl.constexpr, FP16_MATH: tl.constexpr, HEADS_FASTEST: tl.constexpr):
     # One program: all GROUP query heads of one kv head, one split of one sequence's context.
-    _decode_item(tl.program_id(0), tl.program_id(1), tl.program_id(2),
+    # HEADS_FASTEST: grid (kv_heads, batch, splits), so the programs running side by side read the
+    # other kv heads of the same cache rows (one contiguous block row) instead of other sequences' blocks.
+    if HEADS_FASTEST:
+        b, kv_head = tl.program_id(1), tl.program_id(0)
+    else:
+        b, kv_head = tl.program_id(0), tl.program_id(1)
+    _decode_item(b, kv_head, tl.program_id(2),
                  q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_acc_ptr, part_ml_ptr, seq_lens_ptr, bt_ptr,
                  scale_log2e, v_scale, stride_qb, stride_qh, stride_ob, stride_oh,
                  stride_cb, stride_co, stride_ch, stride_bt, NUM_HEADS, GROUP, BLOCK_G, HEAD_DIM, BLOCK_D,
@@ -434,6 +441,8 @@ def _num_sms(device: torch.device) -> int:
 
 # Split policy of the decode kernel (benchmarks/kernels_gpu.py --tune sweeps it).
 DECODE_PROGRAMS_PER_SM = 4
+# Grid order of the non-persistent decode kernel: kv heads fastest (benchmarks/decode_step_sweep.py A/Bs it).
+DECODE_HEADS_FASTEST = os.environ.get("DISTRT_DECODE_HEADS_FASTEST", "0") == "1"
 DECODE_MIN_TILES_PER_SPLIT = 4
 
 
@@ -489,7 +498,9 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         args = (*args, batch)
         extra: dict[str, Any] = {"NUM_KV_HEADS": num_kv_heads}
     else:
-        kernel, grid, extra = _decode_kernel, (batch, num_kv_heads, num_splits), {}
+        heads_fastest = DECODE_HEADS_FASTEST and batch <= 65535  # grid dims after the first are capped
+        grid = (num_kv_heads, batch, num_splits) if heads_fastest else (batch, num_kv_heads, num_splits)
+        kernel, extra = _decode_kernel, {"HEADS_FASTEST": heads_fastest}
     kernel[grid](
         *args, **extra,
         NUM_HEADS=num_heads, GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d,

@@ -135,6 +135,10 @@ class ModelRunner:
                                    self.device, first=self.ctx.is_first_stage, last=self.ctx.is_last_stage,
                                    hidden_size=self.config.model.hidden_size, dtype=self.ctx.dtype)
         self.graphs.capture(eager_replay=self.device.type != "cuda")
+        if self.device.type == "cuda":  # what the kv_cache_memory fraction left unused after the graphs
+            free, total = torch.cuda.mem_get_info(self.device)
+            logger.info("after KV pool and CUDA graphs: %.2f GiB free of %.2f GiB, torch reserved %.2f GiB",
+                        free / 2**30, total / 2**30, torch.cuda.memory_reserved(self.device) / 2**30)
 
     def release(self) -> None:
         """Free the KV pool and CUDA graphs (the graphs hold the pool's addresses)."""

@@ -137,6 +137,23 @@ def test_decode_persistent_grid_matches_full_grid(num_splits: int | None, max_pr
 
 
 @needs_triton
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_heads_fastest_grid_matches(num_splits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The (kv_heads, batch, splits) grid order computes the same items: bitwise the same output."""
+    import distrt.kernels.paged_attention as pa
+
+    batch = make_batch([1] * len(DECODE_SEQ_LENS), DECODE_SEQ_LENS, 8, 2, 64, block_size=8,
+                       dtype=torch.float32, device=DEVICE)
+    args = (batch["q"], batch["k_cache"], batch["v_cache"], batch["seq_lens"], batch["block_tables"], 0.125)
+    monkeypatch.setattr(pa, "DECODE_HEADS_FASTEST", False)
+    seq_major = pa.paged_attention_decode(*args, num_splits=num_splits)
+    monkeypatch.setattr(pa, "DECODE_HEADS_FASTEST", True)
+    heads_major = pa.paged_attention_decode(*args, num_splits=num_splits)
+    assert torch.equal(heads_major, seq_major)
+    torch.testing.assert_close(heads_major, paged_attention_ref(**batch, scale=0.125), **tol(torch.float32))
+
+
+@needs_triton
 @pytest.mark.parametrize("is_decode_only", [False, True])
 def test_attention_op_dispatch(is_decode_only: bool, force_triton: None) -> None:
     q_lens, seq_lens = ([1, 1, 1], [3, 9, 20]) if is_decode_only else MIXED
@@ -202,3 +219,22 @@ def test_gpu_decode_persistent_bf16(max_programs: int) -> None:
     full = paged_attention_decode(*args)
     capped = paged_attention_decode(*args, max_programs=max_programs)
     assert torch.equal(capped, full)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("heads_fastest", [False, True])
+def test_gpu_decode_grid_order_bf16(heads_fastest: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both grid orders on the GPU: bitwise equal to each other and close to the reference."""
+    import distrt.kernels.paged_attention as pa
+
+    seq_lens = [1, 4096, 333, 17, 2048, 1000, 15, 16]
+    batch = make_batch([1] * len(seq_lens), seq_lens, 32, 8, 128, block_size=16, dtype=torch.bfloat16, device="cuda")
+    args = (batch["q"], batch["k_cache"], batch["v_cache"], batch["seq_lens"], batch["block_tables"], 128 ** -0.5)
+    monkeypatch.setattr(pa, "DECODE_HEADS_FASTEST", not heads_fastest)
+    other = pa.paged_attention_decode(*args)
+    monkeypatch.setattr(pa, "DECODE_HEADS_FASTEST", heads_fastest)
+    out = pa.paged_attention_decode(*args)
+    assert torch.equal(out, other)
+    ref = paged_attention_ref(**batch, scale=128 ** -0.5)
+    assert rel_err(out, ref) < 1e-2

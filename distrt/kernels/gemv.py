@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from distrt.kernels._lazy_triton import jit_kernels
+from distrt.kernels.device_info import sm_count
 
 # Bound on first launch by _jit() (see _lazy_triton: importing triton here would fix its mode too early).
 triton: Any = None
@@ -72,15 +73,8 @@ def m_bucket(m: int) -> int:
     return 1 << (m - 1).bit_length()
 
 
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-    return 132  # H100's count: CPU (interpreter) runs only need a plausible number
+    return sm_count(device, cpu=132)  # H100's count: CPU (interpreter) runs only need a plausible number
 
 
 def auto_split_k(n_out: int, k: int, block_n: int, block_k: int, sms: int, max_split: int = 16) -> int:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from distrt.kernels._lazy_triton import jit_kernels
+from distrt.kernels.device_info import sm_count
 from distrt.kernels.kv_cache import FP8_KV_DTYPE, check_kv_scales
 
 # Bound on first launch by _jit() (see _lazy_triton: importing triton here would fix its mode too early).
@@ -399,9 +400,6 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     return out
 
 
-_SM_COUNT: dict[int, int] = {}
-
-
 # (BLOCK_N, num_warps, num_stages) of the decode kernel over a 16/32-bit cache (None: the default in
 # decode_config; benchmarks/decode_step_sweep.py sets it) and over an fp8 cache (set from
 # `benchmarks/kernels_gpu.py --tune-fp8`; None: the bf16 config)
@@ -431,12 +429,7 @@ def prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> t
 
 
 def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
+    return sm_count(device, cpu=4)  # interpreter: a small grid
 
 
 # Split policy of the decode kernel (benchmarks/kernels_gpu.py --tune sweeps it).

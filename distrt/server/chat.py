@@ -7,17 +7,15 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
 
 from distrt.engine.outputs import CompletionOutput
 from distrt.engine.tokenizer import apply_chat_template
 from distrt.server.context import ServerContext, get_context
 from distrt.server.errors import APIError
-from distrt.server.generation import ChunkPiece, EnginePrompt, Job, collect, stream
+from distrt.server.generation import ChunkPiece, EnginePrompt, Job, respond
 from distrt.server.logprobs import chat_logprobs
 from distrt.server.protocol import ChatCompletionRequest
 from distrt.server.request_params import build_sampling_params, check_common, resolve_max_tokens, unsupported
-from distrt.server.streams import ClientDisconnected, until_disconnected
 
 router = APIRouter()
 
@@ -100,11 +98,4 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
                                  ctx: ServerContext = Depends(get_context)) -> Response:
     job, top_n = _prepare(body, ctx)
     fmt = ChatFormat(top_n)
-    if body.stream:
-        return StreamingResponse(stream(ctx.engine, job, fmt, ctx.metrics, body.include_usage),
-                                 media_type="text/event-stream")
-    try:
-        result = await until_disconnected(request, collect(ctx.engine, job, fmt, ctx.metrics))
-    except ClientDisconnected:
-        return Response(status_code=499)
-    return JSONResponse(result)
+    return await respond(request, ctx, job, fmt, body.stream, body.include_usage)

@@ -7,17 +7,15 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
 
 from distrt.engine.outputs import CompletionOutput
 from distrt.engine.llm_engine import PromptInput
 from distrt.server.context import ServerContext, get_context
 from distrt.server.errors import APIError
-from distrt.server.generation import ChunkPiece, EnginePrompt, Job, collect, stream
+from distrt.server.generation import ChunkPiece, EnginePrompt, Job, respond
 from distrt.server.logprobs import completion_logprobs
 from distrt.server.protocol import CompletionRequest
 from distrt.server.request_params import build_sampling_params, check_common, resolve_max_tokens, unsupported
-from distrt.server.streams import ClientDisconnected, until_disconnected
 
 router = APIRouter()
 
@@ -85,11 +83,4 @@ async def create_completion(body: CompletionRequest, request: Request,
                             ctx: ServerContext = Depends(get_context)) -> Response:
     job = _prepare(body, ctx)
     fmt = CompletionFormat()
-    if body.stream:
-        return StreamingResponse(stream(ctx.engine, job, fmt, ctx.metrics, body.include_usage),
-                                 media_type="text/event-stream")
-    try:
-        result = await until_disconnected(request, collect(ctx.engine, job, fmt, ctx.metrics))
-    except ClientDisconnected:
-        return Response(status_code=499)
-    return JSONResponse(result)
+    return await respond(request, ctx, job, fmt, body.stream, body.include_usage)

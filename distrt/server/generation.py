@@ -12,13 +12,17 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+
 from distrt.engine.async_engine import AsyncLLMEngine
 from distrt.engine.outputs import CompletionOutput, RequestOutput
 from distrt.engine.sampling_params import SamplingParams
 from distrt.executor.base import EngineDeadError
+from distrt.server.context import ServerContext
 from distrt.server.errors import APIError, engine_dead, from_value_error
 from distrt.server.metrics import ServerMetrics
-from distrt.server.streams import SSE_DONE, merge, sse
+from distrt.server.streams import SSE_DONE, ClientDisconnected, merge, sse, until_disconnected
 
 logger = logging.getLogger(__name__)
 
@@ -153,3 +157,16 @@ async def stream(engine: AsyncLLMEngine, job: Job, fmt: ChoiceFormat, metrics: S
         logger.exception("streaming failed")
         yield sse(APIError(500, f"internal server error: {type(e).__name__}", type="server_error").body())
     yield SSE_DONE
+
+
+async def respond(request: Request, ctx: ServerContext, job: Job, fmt: ChoiceFormat, streamed: bool,
+                  include_usage: bool) -> Response:
+    """The endpoint's HTTP response: an SSE stream, or the collected JSON (499 if the client left first)."""
+    if streamed:
+        return StreamingResponse(stream(ctx.engine, job, fmt, ctx.metrics, include_usage),
+                                 media_type="text/event-stream")
+    try:
+        result = await until_disconnected(request, collect(ctx.engine, job, fmt, ctx.metrics))
+    except ClientDisconnected:
+        return Response(status_code=499)
+    return JSONResponse(result)

@@ -8,7 +8,7 @@ place (all_reduce, broadcast, recv), so callers always use the return value.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import torch
@@ -121,6 +121,29 @@ class Communicator(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.destroy()
+
+    def _recv_through(self, out: torch.Tensor, src: int,
+                      receive: Callable[[torch.Tensor], object]) -> torch.Tensor:
+        """recv_into's common part: checks, then `receive` fills a contiguous buffer (out itself when
+        contiguous, else a copy-back temporary)."""
+        self._check_tensor(out, "recv output")
+        self._check_peer(src)
+        buf = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
+        receive(buf)
+        if buf is not out:
+            out.copy_(buf)
+        return out
+
+    def _destroy_children(self) -> bool:
+        """destroy()'s common start: False when already destroyed; else destroys the sub-communicators
+        from split (newest first) and returns True. Backends with children keep `_children`, `_destroyed`."""
+        if getattr(self, "_destroyed", False):
+            return False
+        children = getattr(self, "_children", [])
+        for child in reversed(children):
+            child.destroy()
+        children.clear()
+        return True
 
     def _check_tensor(self, t: torch.Tensor, what: str) -> None:
         if not isinstance(t, torch.Tensor):

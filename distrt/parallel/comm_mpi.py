@@ -103,17 +103,15 @@ class MpiComm(Communicator):
 
     def recv_into(self, out: torch.Tensor, src: int) -> torch.Tensor:
         MPI = _mpi()
-        self._check_tensor(out, "recv output")
-        self._check_peer(src)
-        buf = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
-        status = MPI.Status()
-        self._comm.Recv([bytes_view(buf).numpy(), MPI.BYTE], source=src, status=status)
-        got = status.Get_count(MPI.BYTE)
-        if got != buf.numel() * buf.element_size():
-            raise RuntimeError(f"recv from {src}: expected {buf.numel() * buf.element_size()} bytes, got {got}")
-        if buf is not out:
-            out.copy_(buf)
-        return out
+
+        def receive(buf: torch.Tensor) -> None:
+            status = MPI.Status()
+            self._comm.Recv([bytes_view(buf).numpy(), MPI.BYTE], source=src, status=status)
+            got = status.Get_count(MPI.BYTE)
+            if got != buf.numel() * buf.element_size():
+                raise RuntimeError(f"recv from {src}: expected {buf.numel() * buf.element_size()} bytes, got {got}")
+
+        return self._recv_through(out, src, receive)
 
     def _all_to_all(
         self, inputs: list[torch.Tensor], recv_shapes: list[Shape], dtype: torch.dtype
@@ -146,11 +144,8 @@ class MpiComm(Communicator):
         return child
 
     def destroy(self) -> None:
-        if self._destroyed:
+        if not self._destroy_children():
             return
-        for child in reversed(self._children):
-            child.destroy()
-        self._children.clear()
         if self._owned and not _mpi().Is_finalized():
             self._comm.Free()
         self._destroyed = True

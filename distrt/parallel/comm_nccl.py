@@ -206,13 +206,8 @@ class NcclComm(Communicator):
         self._comm.send(t.data_ptr(), t.numel() * t.element_size(), self._u8, dst, self._stream())
 
     def recv_into(self, out: torch.Tensor, src: int) -> torch.Tensor:
-        self._check_tensor(out, "recv output")
-        self._check_peer(src)
-        buf = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
-        self._comm.recv(buf.data_ptr(), buf.numel() * buf.element_size(), self._u8, src, self._stream())
-        if buf is not out:
-            out.copy_(buf)
-        return out
+        return self._recv_through(out, src, lambda buf: self._comm.recv(
+            buf.data_ptr(), buf.numel() * buf.element_size(), self._u8, src, self._stream()))
 
     def _all_to_all(
         self, inputs: list[torch.Tensor], recv_shapes: list[Shape], dtype: torch.dtype
@@ -271,11 +266,8 @@ class NcclComm(Communicator):
     def destroy(self) -> None:
         """Destroys sub-communicators, then this one. Destroy any CUDA graph that captured its
         operations first: replaying one afterwards uses a freed communicator."""
-        if self._destroyed:
+        if not self._destroy_children():
             return
-        for child in reversed(self._children):
-            child.destroy()
-        self._children.clear()
         torch.cuda.synchronize(self._device)
         self._comm.destroy()
         self._destroyed = True

@@ -117,13 +117,7 @@ class TorchDistComm(Communicator):
         dist.send(t.contiguous(), dst=self._g(dst), group=self._group)
 
     def recv_into(self, out: torch.Tensor, src: int) -> torch.Tensor:
-        self._check_tensor(out, "recv output")
-        self._check_peer(src)
-        buf = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
-        dist.recv(buf, src=self._g(src), group=self._group)
-        if buf is not out:
-            out.copy_(buf)
-        return out
+        return self._recv_through(out, src, lambda buf: dist.recv(buf, src=self._g(src), group=self._group))
 
     def _all_to_all(
         self, inputs: list[torch.Tensor], recv_shapes: list[Shape], dtype: torch.dtype
@@ -171,11 +165,8 @@ class TorchDistComm(Communicator):
         return mine
 
     def destroy(self) -> None:
-        if self._destroyed:
+        if not self._destroy_children():
             return
-        for child in reversed(self._children):
-            child.destroy()
-        self._children.clear()
         if self._group is None:
             if dist.is_initialized():
                 dist.destroy_process_group()

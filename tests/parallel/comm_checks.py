@@ -11,6 +11,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from multiprocessing.queues import Queue
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -179,6 +180,13 @@ def run_ranks(fn: Callable[..., None], world_size: int, args: tuple[Any, ...] = 
     if reports or any(c != 0 for c in codes):
         details = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(reports))
         raise AssertionError(f"rank exit codes {codes}\n{details}")
+
+
+def run_rendezvous_ranks(fn: Callable[..., None], world: int, tmp_path: Path, timeout_s: float = 60.0) -> None:
+    """run_ranks with ``fn(rank, world, init)``: init is a torch.distributed file rendezvous in tmp_path."""
+    from distrt.parallel.comm_torch_dist import file_init_method
+
+    run_ranks(fn, world, (world, file_init_method(tmp_path / "rendezvous")), timeout_s=timeout_s)
 
 
 def nccl_pair(rank: int, world: int, init: str) -> tuple[Communicator, Communicator]:

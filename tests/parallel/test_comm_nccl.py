@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import torch
-from comm_checks import check_collectives, check_split, run_ranks
+from comm_checks import check_collectives, check_split, run_rendezvous_ranks
 
 if TYPE_CHECKING:
     from distrt.parallel.comm_nccl import NcclComm
@@ -74,9 +74,7 @@ def _nccl_rank(rank: int, world_size: int, rendezvous: str) -> None:
 
 
 def test_nccl_two_gpus(tmp_path: Path) -> None:
-    from distrt.parallel.comm_torch_dist import file_init_method
-
-    run_ranks(_nccl_rank, 2, (2, file_init_method(tmp_path / "rendezvous")), timeout_s=180)
+    run_rendezvous_ranks(_nccl_rank, 2, tmp_path, timeout_s=180)
 
 
 _NO_DESTROY_SCRIPT = textwrap.dedent(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from comm_checks import nccl_pair, run_ranks
+from comm_checks import nccl_pair, run_ranks, run_rendezvous_ranks
 
 from distrt.parallel import custom_allreduce as car
 from distrt.parallel.comm import SingleRankComm
@@ -74,9 +74,7 @@ def _factory_rank(rank: int, world: int, init: str) -> None:
 
 
 def test_factory_none_on_cpu(tmp_path: Path) -> None:
-    from distrt.parallel.comm_torch_dist import file_init_method
-
-    run_ranks(_factory_rank, 2, (2, file_init_method(tmp_path / "rendezvous")), timeout_s=90)
+    run_rendezvous_ranks(_factory_rank, 2, tmp_path, timeout_s=90)
 
 
 _interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
@@ -337,9 +335,7 @@ def _gpu_rank(rank: int, world: int, init: str) -> None:
 @pytest.mark.gpu
 @_two_gpus
 def test_two_gpus(tmp_path: Path) -> None:
-    from distrt.parallel.comm_torch_dist import file_init_method
-
-    run_ranks(_gpu_rank, 2, (2, file_init_method(tmp_path / "rendezvous")), timeout_s=240)
+    run_rendezvous_ranks(_gpu_rank, 2, tmp_path, timeout_s=240)
 
 
 def _timeout_rank(rank: int, world: int, init: str) -> None:
@@ -358,6 +354,4 @@ def _timeout_rank(rank: int, world: int, init: str) -> None:
 @pytest.mark.gpu
 @_two_gpus
 def test_spin_limit_on_gpu(tmp_path: Path) -> None:
-    from distrt.parallel.comm_torch_dist import file_init_method
-
-    run_ranks(_timeout_rank, 2, (2, file_init_method(tmp_path / "rendezvous")), timeout_s=180)
+    run_rendezvous_ranks(_timeout_rank, 2, tmp_path, timeout_s=180)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from comm_checks import nccl_pair, run_ranks
+from comm_checks import nccl_pair, run_ranks, run_rendezvous_ranks
 
 from distrt.kernels.norm import fused_add_rms_norm_ref
 from distrt.parallel import custom_allreduce as car
@@ -304,6 +304,4 @@ def _gpu_rank(rank: int, world: int, init: str) -> None:
 @pytest.mark.gpu
 @_two_gpus
 def test_two_gpus_bitwise(tmp_path: Path) -> None:
-    from distrt.parallel.comm_torch_dist import file_init_method
-
-    run_ranks(_gpu_rank, 2, (2, file_init_method(tmp_path / "rendezvous")), timeout_s=300)
+    run_rendezvous_ranks(_gpu_rank, 2, tmp_path, timeout_s=300)

@@ -10,6 +10,18 @@ from typing import Callable
 from distrt.config import KV_CACHE_DTYPES
 
 
+class _BadList(argparse.ArgumentTypeError, ValueError):  # argparse shows its text; config files catch ValueError
+    pass
+
+
+def _int_list(text: str) -> list[int]:
+    """'1,2,4' (a flag) or '[1, 2, 4]' (a YAML list from --config, passed through str)."""
+    try:
+        return [int(x) for x in text.strip().strip("[]").split(",") if x.strip()]
+    except ValueError:
+        raise _BadList(f"expected comma-separated integers, got {text!r}") from None
+
+
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--model", default="default",
@@ -29,6 +41,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pipeline-micro-batches", type=int, default=None,
                    help="pp > 1: micro-batches in flight (default pp)")
     g.add_argument("--executor", default="auto", help="auto | local | ray | mpi")
+    g.add_argument("--cuda-graph-sizes", type=_int_list, default=None, metavar="N,N,...",
+                   help="decode batch sizes to capture as CUDA graphs (max-num-seqs is always added); "
+                        "default 1,2,4,8, every 16 to 256, every 32 above")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
                    help="build each step only after the previous one's tokens are back (pp == 1)")
@@ -44,7 +59,8 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
                 pipeline_parallel_size=a.pp, expert_parallel_size=a.ep, executor=a.executor, seed=a.seed,
                 async_scheduling=getattr(a, "async_scheduling", True),
                 pipeline_micro_batches=getattr(a, "pipeline_micro_batches", None),
-                kv_cache_dtype=getattr(a, "kv_cache_dtype", "auto"), admission=getattr(a, "admission", "greedy"))
+                kv_cache_dtype=getattr(a, "kv_cache_dtype", "auto"), admission=getattr(a, "admission", "greedy"),
+                cuda_graph_sizes=getattr(a, "cuda_graph_sizes", None))
 
 
 def _generate_parser(sub: argparse._SubParsersAction) -> None:

@@ -98,6 +98,21 @@ def _rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
     return None if rs["rope_type"] == "default" else rs
 
 
+def check_graph_sizes(sizes: object) -> tuple[int, ...]:
+    """A user's cuda_graph_sizes: a non-empty list of positive integers (sorted and de-duplicated here)."""
+    try:
+        if isinstance(sizes, (str, bytes)):
+            raise TypeError
+        items = list(sizes)  # type: ignore[call-overload]
+    except TypeError:
+        raise ValueError(f"cuda_graph_sizes must be a list of batch sizes, got {sizes!r}") from None
+    bad = [s for s in items if isinstance(s, bool) or not isinstance(s, int) or s < 1]
+    if not items or bad:
+        raise ValueError(f"cuda_graph_sizes must be positive integers, got {items!r}"
+                         + (f" (bad: {bad!r})" if bad else " (empty)"))
+    return tuple(sorted(set(items)))
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     block_size: int = 16
@@ -221,3 +236,5 @@ class EngineConfig:
     device: DeviceConfig
     seed: int = 0
     enforce_eager: bool = False
+    # decode batch sizes with a CUDA graph (max_num_seqs is always added); None: worker/cuda_graph.DEFAULT_SIZES
+    cuda_graph_sizes: tuple[int, ...] | None = None

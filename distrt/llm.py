@@ -8,7 +8,8 @@ from typing import Any, Sequence
 
 from tqdm import tqdm
 
-from distrt.config import CacheConfig, DeviceConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from distrt.config import (CacheConfig, DeviceConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig,
+                           check_graph_sizes)
 from distrt.engine.llm_engine import LLMEngine, PromptInput
 from distrt.engine.outputs import RequestOutput
 from distrt.engine.sampling_params import SamplingParams
@@ -87,6 +88,7 @@ class LLM:
         expert_parallel_size: int = 1,
         executor: str = "auto",
         enforce_eager: bool = False,
+        cuda_graph_sizes: Sequence[int] | None = None,
         cluster: Any = None,
         step_timeout_s: float = 300.0,
         num_redundant_experts: int = 0,
@@ -96,6 +98,7 @@ class LLM:
     ) -> None:
         from distrt.executor.factory import create_executor, resolve_executor_name
 
+        graph_sizes = None if cuda_graph_sizes is None else check_graph_sizes(cuda_graph_sizes)
         dev = resolve_device(device)
         mcfg = load_model_config(model, dtype, dev)
         limit = mcfg.max_position_embeddings
@@ -128,7 +131,8 @@ class LLM:
         self.config = EngineConfig(model=mcfg, cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory,
                                                                  num_kv_blocks=num_kv_blocks, kv_cache_dtype=kv_cache_dtype),
                                    parallel=parallel, scheduler=sched, device=DeviceConfig(dev), seed=seed,
-                                   enforce_eager=enforce_eager)
+                                   enforce_eager=enforce_eager,
+                                   cuda_graph_sizes=graph_sizes)
         from distrt.engine.tokenizer import load_tokenizer
 
         if mcfg.kind == "shape":

@@ -26,20 +26,25 @@ from distrt.layers.attention import AttentionMetadata
 logger = logging.getLogger(__name__)
 
 
-def capture_sizes(max_num_seqs: int) -> list[int]:
-    sizes = [1, 2, 4, 8] + list(range(16, 257, 16)) + list(range(288, 1025, 32))
-    out = [s for s in sizes if s < max_num_seqs]
+DEFAULT_SIZES = (1, 2, 4, 8, *range(16, 257, 16), *range(288, 1025, 32))
+
+
+def capture_sizes(max_num_seqs: int, sizes: tuple[int, ...] | None = None) -> list[int]:
+    """Decode batch sizes to capture: `sizes` (default DEFAULT_SIZES) below max_num_seqs, then max_num_seqs
+    itself, so every decode batch pads up to a captured size (a batch of 260 runs the 288 graph by default)."""
+    out = [s for s in (DEFAULT_SIZES if sizes is None else sizes) if s < max_num_seqs]
     return out + [max_num_seqs]
 
 
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                  max_num_seqs: int, max_blocks_per_seq: int, device: torch.device, *, first: bool = True,
-                 last: bool = True, hidden_size: int = 0, dtype: torch.dtype | None = None) -> None:
+                 last: bool = True, hidden_size: int = 0, dtype: torch.dtype | None = None,
+                 sizes: tuple[int, ...] | None = None) -> None:
         self.model = model
         self.first, self.last = first, last
         self.kv_caches = kv_caches
-        self.sizes = capture_sizes(max_num_seqs)
+        self.sizes = capture_sizes(max_num_seqs, sizes)
         n = self.sizes[-1]
         self.max_blocks = max_blocks_per_seq
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)

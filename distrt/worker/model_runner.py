@@ -133,7 +133,8 @@ class ModelRunner:
         max_blocks = -(-self.config.scheduler.max_model_len // self.config.cache.block_size)
         self.graphs = DecodeGraphs(self.model, self.kv_caches, self.config.scheduler.max_num_seqs, max_blocks,
                                    self.device, first=self.ctx.is_first_stage, last=self.ctx.is_last_stage,
-                                   hidden_size=self.config.model.hidden_size, dtype=self.ctx.dtype)
+                                   hidden_size=self.config.model.hidden_size, dtype=self.ctx.dtype,
+                                   sizes=self.config.cuda_graph_sizes)
         self.graphs.capture(eager_replay=self.device.type != "cuda")
         if self.device.type == "cuda":  # what the kv_cache_memory fraction left unused after the graphs
             free, total = torch.cuda.mem_get_info(self.device)

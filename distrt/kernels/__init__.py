@@ -1,7 +1,7 @@
 """Kernels: Triton on CUDA tensors, the plain-torch reference beside each kernel otherwise.
 
 The `*_op` functions are what layers call; they pick the implementation per call from the tensor's
-device (`use_triton`). Triton is imported on first launch only (see _lazy_triton), so the package
+device (`use_triton`); CPU attention takes attention_torch.py's SDPA path (the reference stays the oracle). Triton is imported on first launch only (see _lazy_triton), so the package
 works without it and the CPU path never imports it.
 DISTRT_FORCE_TRITON=1 routes CPU tensors to Triton too (tests under TRITON_INTERPRET=1).
 The KV cache may be float8 e4m3 instead of the model dtype (kv_cache.py); k_scale/v_scale are its
@@ -16,6 +16,7 @@ import torch
 
 from distrt.kernels._lazy_triton import triton_available
 from distrt.kernels.activation import silu_and_mul, silu_and_mul_ref
+from distrt.kernels.attention_torch import paged_attention_torch
 from distrt.kernels.kv_cache import write_kv_cache, write_kv_cache_ref
 from distrt.kernels.norm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
 from distrt.kernels.paged_attention import paged_attention_decode, paged_attention_prefill, paged_attention_ref
@@ -53,8 +54,8 @@ def attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     Sending the decode rows to the decode kernel instead, before the prefill kernel or beside it on a
     second stream, made mixed steps 1.2-1.5x slower on an H100 (benchmarks/results/h100/mixed_split_ab.json)."""
     if not use_triton(q):
-        return paged_attention_ref(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
-                                   k_scale, v_scale)
+        return paged_attention_torch(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
+                                     k_scale, v_scale)
     if is_decode_only:
         return paged_attention_decode(q, k_cache, v_cache, seq_lens, block_tables, scale,
                                       k_scale=k_scale, v_scale=v_scale)

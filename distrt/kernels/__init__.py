@@ -46,8 +46,10 @@ def write_kv_cache_op(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v
 
 def attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, query_start_loc: torch.Tensor,
                  seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, max_query_len: int,
-                 is_decode_only: bool, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+                 is_decode_only: bool, k_scale: float = 1.0, v_scale: float = 1.0,
+                 plan_cache: dict | None = None) -> torch.Tensor:  # type: ignore[type-arg]
     """q: [T, H, D] -> [T, H, D]. is_decode_only: every sequence has exactly one query token (T == B).
+    plan_cache: a dict living as long as the step's metadata (the CPU path keeps its gather plan there).
 
     A mixed batch (prompt chunks and decodes) goes to the prefill kernel whole: its programs for the
     decode rows (memory-bound) run beside those of the prompt rows (compute-bound) in one launch.
@@ -55,7 +57,7 @@ def attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     second stream, made mixed steps 1.2-1.5x slower on an H100 (benchmarks/results/h100/mixed_split_ab.json)."""
     if not use_triton(q):
         return paged_attention_torch(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
-                                     k_scale, v_scale)
+                                     k_scale, v_scale, plan_cache=plan_cache)
     if is_decode_only:
         return paged_attention_decode(q, k_cache, v_cache, seq_lens, block_tables, scale,
                                       k_scale=k_scale, v_scale=v_scale)

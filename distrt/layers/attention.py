@@ -8,7 +8,7 @@ float8 e4m3 (CacheConfig.kv_cache_dtype; the kernels quantize on write and dequa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -26,6 +26,8 @@ class AttentionMetadata:
     max_query_len: int
     max_seq_len: int
     is_decode_only: bool
+    # what every layer's attention can share within this step (the CPU path's gather plan)
+    cpu_cache: dict = field(default_factory=dict, compare=False, repr=False)  # type: ignore[type-arg]
 
 
 class Attention(nn.Module):
@@ -53,5 +55,6 @@ class Attention(nn.Module):
             q = rotary_write_kv_op(q, k, v, positions, rope.cos_sin, k_cache, v_cache, meta.slot_mapping,
                                    self.k_scale, self.v_scale)
         out = attention_op(q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-                           self.scale, meta.max_query_len, meta.is_decode_only, self.k_scale, self.v_scale)
+                           self.scale, meta.max_query_len, meta.is_decode_only, self.k_scale, self.v_scale,
+                           plan_cache=meta.cpu_cache)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)  # [T, H*D]

@@ -73,3 +73,23 @@ def test_attention_op_cpu_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
                        batch["block_tables"], 0.125, max_query_len=12, is_decode_only=False)
     torch.testing.assert_close(got, want, **tol(torch.float32))
     assert calls == ["torch", "torch"]
+
+
+def test_plan_shared_across_layers() -> None:
+    """Layers of one step share the gather plan through plan_cache: the second layer (other cache
+    values, other queries, same metadata) reuses it and still equals the reference; a new step's dict
+    starts empty."""
+    step = dict()  # type: ignore[var-annotated]
+    batch = make_batch(*MIXED, 8, 2, 64, block_size=8, dtype=torch.float32, device="cpu")
+    layers = [batch, dict(batch, q=batch["q"].flip(0) * 0.5, k_cache=batch["k_cache"] * 2 - 1,
+                          v_cache=batch["v_cache"].neg())]  # NaN garbage stays NaN
+    for layer in layers:
+        got = paged_attention_torch(*_args(layer, 0.125), plan_cache=step)
+        torch.testing.assert_close(got, paged_attention_ref(*_args(layer, 0.125)), **tol(torch.float32))
+        assert list(step) == ["attention_torch"]
+    decode = make_batch([1] * len(DECODE_SEQ_LENS), DECODE_SEQ_LENS, 8, 2, 64, block_size=8,
+                        dtype=torch.float32, device="cpu")
+    fresh: dict = {}  # type: ignore[type-arg]
+    got = paged_attention_torch(*_args(decode, 0.125), plan_cache=fresh)
+    assert fresh["attention_torch"] is not step["attention_torch"]
+    torch.testing.assert_close(got, paged_attention_ref(*_args(decode, 0.125)), **tol(torch.float32))

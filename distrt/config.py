@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,12 +101,9 @@ def _rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
 
 def check_graph_sizes(sizes: object) -> tuple[int, ...]:
     """A user's cuda_graph_sizes: a non-empty list of positive integers (sorted and de-duplicated here)."""
-    try:
-        if isinstance(sizes, (str, bytes)):
-            raise TypeError
-        items = list(sizes)  # type: ignore[call-overload]
-    except TypeError:
-        raise ValueError(f"cuda_graph_sizes must be a list of batch sizes, got {sizes!r}") from None
+    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Iterable):
+        raise ValueError(f"cuda_graph_sizes must be a list of batch sizes, got {sizes!r}")
+    items = list(sizes)
     bad = [s for s in items if isinstance(s, bool) or not isinstance(s, int) or s < 1]
     if not items or bad:
         raise ValueError(f"cuda_graph_sizes must be positive integers, got {items!r}"

@@ -1,8 +1,9 @@
 """Kernels: Triton on CUDA tensors, the plain-torch reference beside each kernel otherwise.
 
 The `*_op` functions are what layers call; they pick the implementation per call from the tensor's
-device (`use_triton`); CPU attention takes attention_torch.py's SDPA path (the reference stays the oracle). Triton is imported on first launch only (see _lazy_triton), so the package
-works without it and the CPU path never imports it.
+device (`use_triton`); CPU attention takes attention_torch.py's SDPA path (the reference stays the
+oracle). Triton is imported on first launch only (see _lazy_triton), so the package works without it
+and the CPU path never imports it.
 DISTRT_FORCE_TRITON=1 routes CPU tensors to Triton too (tests under TRITON_INTERPRET=1).
 The KV cache may be float8 e4m3 instead of the model dtype (kv_cache.py); k_scale/v_scale are its
 per-tensor dequantization scales (1.0 unless calibrated scales are loaded; ignored for other caches).

@@ -24,6 +24,10 @@ _MAX_NDIM = 8
 class Communicator(ABC):
     """Collectives on torch tensors over one fixed group of processes."""
 
+    # set by backends that split into sub-communicators (see _destroy_children)
+    _children: list[Communicator]
+    _destroyed: bool
+
     @property
     @abstractmethod
     def rank(self) -> int: ...
@@ -135,14 +139,13 @@ class Communicator(ABC):
         return out
 
     def _destroy_children(self) -> bool:
-        """destroy()'s common start: False when already destroyed; else destroys the sub-communicators
-        from split (newest first) and returns True. Backends with children keep `_children`, `_destroyed`."""
-        if getattr(self, "_destroyed", False):
+        """destroy()'s common start for backends that split (they set `_children` and `_destroyed`):
+        False when already destroyed; else destroys the sub-communicators, newest first, and returns True."""
+        if self._destroyed:
             return False
-        children = getattr(self, "_children", [])
-        for child in reversed(children):
+        for child in reversed(self._children):
             child.destroy()
-        children.clear()
+        self._children.clear()
         return True
 
     def _check_tensor(self, t: torch.Tensor, what: str) -> None:
